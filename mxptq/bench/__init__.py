@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that measure and print tables (run with `python -m mxptq.bench.NAME`)."""

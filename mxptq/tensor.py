@@ -1,0 +1,149 @@
+"""The spine of mxptq: `QuantizedTensor`, `quantize_tensor` and `dequantize`.
+
+Selectors produce a QuantizedTensor, kernels produce the same bytes faster, writers serialize
+it, readers return it, and `dequantize` is the one definition of what its bytes mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import scales as S
+from .formats import Format, e2m1_decode, get_format, pack_e2m1, unpack_e2m1
+
+BACKENDS = ("auto", "torch", "triton")
+_CHUNK_ELEMENTS = 1 << 22  # rows are processed in chunks of about this many weights
+
+
+@dataclass
+class QuantizedTensor:
+    """Packed E2M1 codes uint8 [N, K/2] (low nibble = even element), block scales [N, K/B]
+    (float8_e4m3fn for E4M3, uint8 codes otherwise), the fp32 encode global scale g (0-d) or
+    None, and the format that says how to read them."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    global_scale: torch.Tensor | None
+    format: Format
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.codes.shape[0], self.codes.shape[1] * 2)
+
+    def scale_codes(self) -> torch.Tensor:
+        """Block scales as int32 codes, whatever their storage dtype."""
+        return self.format.scale.from_storage(self.scales)
+
+    def to(self, device: torch.device | str) -> QuantizedTensor:
+        g = None if self.global_scale is None else self.global_scale.to(device)
+        return QuantizedTensor(self.codes.to(device), self.scales.to(device), g, self.format)
+
+
+def check_weight(w: torch.Tensor, fmt: Format) -> None:
+    """Raise ValueError naming the problem if `w` cannot be quantized in `fmt`."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"unsupported weight dtype {w.dtype} (bf16, fp16 or fp32)")
+    k = w.shape[1]
+    if k % fmt.block_size:
+        raise ValueError(
+            f"input dimension {k} is not a multiple of the block size {fmt.block_size}"
+        )
+    if w.numel() and not bool(torch.isfinite(w).all()):
+        n_nan = int(torch.isnan(w).sum())
+        n_inf = int(torch.isinf(w).sum())
+        raise ValueError(f"weight has {n_nan} NaN and {n_inf} Inf values")
+
+
+def _check_importance(h: torch.Tensor | None, k: int, device: torch.device) -> torch.Tensor | None:
+    if h is None:
+        return None
+    h = h.to(device=device, dtype=torch.float32).flatten()
+    if h.numel() != k:
+        raise ValueError(f"importance has {h.numel()} entries, expected K = {k}")
+    if not bool(torch.isfinite(h).all()) or bool((h < 0).any()):
+        raise ValueError("importance weights must be finite and non-negative")
+    return h
+
+
+def quantize_tensor(
+    w: torch.Tensor,
+    format: str | Format = "nvfp4",
+    scale: str = "search",
+    block_size: int | None = None,
+    importance: torch.Tensor | None = None,
+    *,
+    window: tuple[int, int] | None = None,
+    underflow_floor: bool = True,
+    global_norm: float | None = None,
+    global_amax: torch.Tensor | float | None = None,
+    backend: str = "auto",
+) -> QuantizedTensor:
+    """Quantize a 2-D weight [N, K] to FP4 with block scales chosen by `scale`.
+
+    `importance` (length K) weights the block error per input channel. `global_amax` overrides
+    the tensor's own amax, so that fused projections can share one global scale. `backend`:
+    "auto" runs the Triton kernel for CUDA tensors and the torch reference otherwise; both give
+    the same bytes.
+    """
+    fmt = get_format(format, block_size)
+    cfg = S.resolve_selector(fmt, scale, window, underflow_floor, global_norm)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
+    check_weight(w, fmt)
+    h = _check_importance(importance, w.shape[1], w.device)
+    use_triton = backend == "triton" or (backend == "auto" and w.is_cuda)
+    if use_triton:
+        from .kernels import quantize as triton_quantize
+
+        return triton_quantize(w, fmt, cfg, h, global_amax)
+    return quantize_reference(w, fmt, cfg, h, global_amax)
+
+
+def tensor_amax(w: torch.Tensor) -> torch.Tensor:
+    return w.abs().amax().float() if w.numel() else torch.zeros((), device=w.device)
+
+
+def quantize_reference(
+    w: torch.Tensor,
+    fmt: Format,
+    cfg: S.SelectorConfig,
+    h: torch.Tensor | None = None,
+    global_amax: torch.Tensor | float | None = None,
+) -> QuantizedTensor:
+    """The torch reference: chunks of rows, every selector, every format."""
+    n, k = w.shape
+    b = fmt.block_size
+    if fmt.has_global:
+        amax = tensor_amax(w) if global_amax is None else torch.as_tensor(global_amax)
+        g = S.global_encode_scale(amax.to(w.device), cfg.global_norm)
+    else:
+        g = torch.ones((), dtype=torch.float32, device=w.device)
+    hb = None if h is None else h.view(k // b, b)
+    codes = torch.empty((n, k // 2), dtype=torch.uint8, device=w.device)
+    sc = torch.empty((n, k // b), dtype=torch.int32, device=w.device)
+    rows = max(1, _CHUNK_ELEMENTS // max(k, 1))
+    table = fmt.scale.table(w.device)
+    inv_g = S.reciprocal(g)
+    for r in range(0, n, rows):
+        x = w[r : r + rows].float().view(-1, k // b, b)
+        c = S.select_codes(x, fmt, cfg, g, hb)
+        q = S.quantize_codes(x, table[c], inv_g)
+        codes[r : r + rows] = pack_e2m1(q.view(x.shape[0], k))
+        sc[r : r + rows] = c
+    gs = g.reshape(()) if fmt.has_global else None
+    return QuantizedTensor(codes, fmt.scale.to_storage(sc), gs, fmt)
+
+
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """What the bytes mean: w = E2M1(code) · (s / g), in float32 (or `dtype`), shape [N, K]."""
+    n, k = qt.shape
+    b = qt.format.block_size
+    s = qt.format.scale.decode(qt.scale_codes())
+    if qt.global_scale is not None:
+        s = s / qt.global_scale.float()
+    q = e2m1_decode(unpack_e2m1(qt.codes)).view(n, k // b, b)
+    return (q * s.unsqueeze(-1)).view(n, k).to(dtype)
