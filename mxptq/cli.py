@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -58,3 +60,52 @@ def formats_cmd() -> None:
     for name in SELECTORS:
         s.add_row(name, desc[name], str(DEFAULT_GLOBAL_NORM[name]))
     console.print(s)
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: str = typer.Option(
+        None, "--model", help="Hub id (org/name, needs the hub or its cache) or local folder "
+        "with config.json and *.safetensors. Required (here or in --recipe)."),
+    format: str = typer.Option(
+        None, "--format", help="nvfp4 | mxfp4 | nvfp4-ue5m3. (default: nvfp4)"),
+    scale: str = typer.Option(
+        None, "--scale", help="Block-scale selector: absmax | 4over6 | search | exhaustive. "
+        "(default: search)"),
+    out: Path = typer.Option(  # noqa: B008
+        None, "--out", help="Output folder; written as a hidden folder next to it and renamed "
+        "when complete. Required (here or in --recipe)."),
+    block_size: int = typer.Option(
+        None, "--block-size", help="Elements per block scale (4, 8, 16, 32, 64, 128). "
+        "(default: the format's, 16 for nvfp4*, 32 for mxfp4)"),
+    dialect: str = typer.Option(
+        None, "--dialect", help="compressed-tensors | modelopt | native. [default: "
+        "compressed-tensors when it can express the format (nvfp4 block 16, mxfp4 block 32), "
+        "else native]"),
+    ignore: list[str] = typer.Option(  # noqa: B008
+        None, "--ignore", help="Keep matching Linear modules dense: a wildcard on the module "
+        "name (e.g. '*.mlp.down_proj') or 're:REGEX'. Repeatable. (default: none)"),
+    quantize_lm_head: bool = typer.Option(
+        None, "--quantize-lm-head/--keep-lm-head", help="Quantize lm_head too. (default: keep)"),
+    device: str = typer.Option(
+        None, "--device", help="auto | cuda | cpu. (default: auto = cuda when available)"),
+    recipe: Path = typer.Option(  # noqa: B008
+        None, "--recipe", help="YAML file whose keys are these flags (e.g. recipes/"
+        "nvfp4-search.yaml); flags on the command line override it. (default: none)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue an interrupted run from its last finished shard "
+        "(same flags); the result is byte-identical to an uninterrupted run."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the plan and result as JSON on stdout (no progress bar)."),
+) -> None:
+    """Quantize a Hugging Face checkpoint to NVFP4 / MXFP4, streaming one shard at a time."""
+    from .quantize_cmd import guarded, quantize_main
+
+    cli = {
+        "model": model, "format": format, "scale": scale, "out": out,
+        "block-size": block_size, "dialect": dialect, "ignore": list(ignore or []),
+        "quantize-lm-head": quantize_lm_head, "device": device,
+    }
+    guarded(quantize_main, cli, recipe, dry_run, overwrite, resume, as_json)

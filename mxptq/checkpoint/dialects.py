@@ -1,0 +1,258 @@
+"""On-disk dialects: tensor names, dtypes and config blocks for compressed-tensors, ModelOpt and
+our native layout (formats.md §2-4, §11). Each dialect maps a QuantizedTensor to named tensors
+and back, so writers and readers share one definition."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .. import __version__
+from ..errors import MxptqError
+from ..formats import E4M3, E8M0, Format, get_format
+from ..tensor import QuantizedTensor
+
+DIALECTS = ("compressed-tensors", "modelopt", "native")
+
+
+class Dialect:
+    """Base: how one quantized Linear `P` is stored and which config describes the checkpoint."""
+
+    name = ""
+
+    def check(self, fmt: Format) -> None:
+        """Raise MxptqError when this dialect cannot express `fmt`."""
+
+    def names(self, module: str, fmt: Format) -> list[str]:
+        raise NotImplementedError
+
+    def tensors(self, module: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def read(self, module: str, get: Callable[[str], torch.Tensor], fmt: Format) -> QuantizedTensor:
+        raise NotImplementedError
+
+    def config(self, fmt: Format, scale: str, ignore: list[str]) -> dict:
+        raise NotImplementedError
+
+    def extra_files(self, fmt: Format, ignore: list[str]) -> dict[str, dict]:
+        """Further JSON files to write next to config.json."""
+        return {}
+
+    def format_from_config(self, qc: dict) -> Format:
+        raise NotImplementedError
+
+
+def _g1(qt: QuantizedTensor) -> torch.Tensor:
+    return qt.global_scale.reshape(1).float()
+
+
+class CompressedTensors(Dialect):
+    """compressed-tensors `nvfp4-pack-quantized` / `mxfp4-pack-quantized` (weight-only)."""
+
+    name = "compressed-tensors"
+
+    def check(self, fmt: Format) -> None:
+        ok_nv = fmt.scale is E4M3 and fmt.block_size == 16 and fmt.has_global
+        ok_mx = fmt.scale is E8M0 and fmt.block_size == 32 and not fmt.has_global
+        if not (ok_nv or ok_mx):
+            raise MxptqError(
+                f"dialect compressed-tensors cannot express {fmt.name} with {fmt.scale.name} "
+                f"scales and block {fmt.block_size} (only nvfp4 block 16, mxfp4 block 32); "
+                "use --dialect native"
+            )
+
+    def names(self, module: str, fmt: Format) -> list[str]:
+        n = [f"{module}.weight_packed", f"{module}.weight_scale"]
+        return n + ([f"{module}.weight_global_scale"] if fmt.has_global else [])
+
+    def tensors(self, module: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+        out = {f"{module}.weight_packed": qt.codes, f"{module}.weight_scale": qt.scales}
+        if qt.global_scale is not None:
+            out[f"{module}.weight_global_scale"] = _g1(qt)
+        return out
+
+    def read(self, module, get, fmt):
+        g = get(f"{module}.weight_global_scale").reshape(()).float() if fmt.has_global else None
+        scales = get(f"{module}.weight_scale")
+        if fmt.scale is E4M3:
+            scales = scales.view(torch.float8_e4m3fn)
+        return QuantizedTensor(get(f"{module}.weight_packed"), scales, g, fmt)
+
+    @staticmethod
+    def _ct_format(fmt: Format) -> str:
+        return "nvfp4-pack-quantized" if fmt.has_global else "mxfp4-pack-quantized"
+
+    def config(self, fmt, scale, ignore):
+        nv = fmt.has_global
+        weights = {
+            "actorder": None,
+            "block_structure": None,
+            "dynamic": False,
+            "group_size": fmt.block_size,
+            "num_bits": 4,
+            "observer": "memoryless_minmax",
+            "observer_kwargs": {},
+            "scale_dtype": "torch.float8_e4m3fn" if nv else "torch.uint8",
+            "strategy": "tensor_group" if nv else "group",
+            "symmetric": True,
+            "type": "float",
+            "zp_dtype": None,
+        }
+        group = {
+            "format": self._ct_format(fmt),
+            "input_activations": None,
+            "output_activations": None,
+            "targets": ["Linear"],
+            "weights": weights,
+        }
+        return {
+            "config_groups": {"group_0": group},
+            "format": self._ct_format(fmt),
+            "global_compression_ratio": None,
+            "ignore": ignore,
+            "kv_cache_scheme": None,
+            "quant_method": "compressed-tensors",
+            "quantization_status": "compressed",
+        }
+
+    def format_from_config(self, qc):
+        g = qc["config_groups"]["group_0"]
+        name = g.get("format") or qc.get("format")
+        if name == "nvfp4-pack-quantized":
+            return get_format("nvfp4")
+        if name == "mxfp4-pack-quantized":
+            return get_format("mxfp4")
+        raise MxptqError(f"compressed-tensors format {name!r} is not an FP4 format mxptq reads")
+
+
+class ModelOpt(Dialect):
+    """TensorRT Model Optimizer NVFP4 export, weight-only (W4A16_NVFP4)."""
+
+    name = "modelopt"
+    quant_algo = "W4A16_NVFP4"
+
+    def check(self, fmt: Format) -> None:
+        if not (fmt.scale is E4M3 and fmt.block_size == 16 and fmt.has_global):
+            raise MxptqError(
+                f"dialect modelopt cannot express {fmt.name} with {fmt.scale.name} scales and "
+                f"block {fmt.block_size} (only nvfp4 block 16); use --dialect native"
+            )
+
+    def names(self, module, fmt):
+        return [f"{module}.weight", f"{module}.weight_scale", f"{module}.weight_scale_2"]
+
+    def tensors(self, module, qt):
+        return {
+            f"{module}.weight": qt.codes,
+            f"{module}.weight_scale": qt.scales,
+            f"{module}.weight_scale_2": (1.0 / qt.global_scale.float()).reshape(()),
+        }
+
+    def read(self, module, get, fmt):
+        g = 1.0 / get(f"{module}.weight_scale_2").reshape(()).float()
+        scales = get(f"{module}.weight_scale").view(torch.float8_e4m3fn)
+        return QuantizedTensor(get(f"{module}.weight"), scales, g, fmt)
+
+    def _producer(self) -> dict:
+        return {"name": "modelopt", "version": f"mxptq-{__version__}"}
+
+    def config(self, fmt, scale, ignore):
+        w = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
+        return {
+            "config_groups": {
+                "group_0": {"input_activations": None, "weights": w, "targets": ["Linear"]}
+            },
+            "ignore": ignore,
+            "quant_algo": self.quant_algo,
+            "kv_cache_scheme": None,
+            "producer": self._producer(),
+            "quant_method": "modelopt",
+        }
+
+    def extra_files(self, fmt, ignore):
+        return {
+            "hf_quant_config.json": {
+                "producer": self._producer(),
+                "quantization": {
+                    "quant_algo": self.quant_algo,
+                    "kv_cache_quant_algo": None,
+                    "group_size": 16,
+                    "exclude_modules": ignore,
+                },
+            }
+        }
+
+    def format_from_config(self, qc):
+        return get_format("nvfp4")
+
+
+class Native(Dialect):
+    """mxptq's own layout for what the others cannot express (docs/checkpoints.md)."""
+
+    name = "native"
+
+    def names(self, module, fmt):
+        n = [f"{module}.weight_packed", f"{module}.weight_scale"]
+        return n + ([f"{module}.weight_global_scale"] if fmt.has_global else [])
+
+    def tensors(self, module, qt):
+        return CompressedTensors().tensors(module, qt)
+
+    def read(self, module, get, fmt):
+        return CompressedTensors.read(self, module, get, fmt)
+
+    def config(self, fmt, scale, ignore):
+        return {
+            "quant_method": "mxptq",
+            "version": 1,
+            "format": fmt.name,
+            "scale_codec": fmt.scale.name,
+            "block_size": fmt.block_size,
+            "has_global": fmt.has_global,
+            "mx_rule": fmt.mx_rule,
+            "scale": scale,
+            "targets": ["Linear"],
+            "ignore": ignore,
+        }
+
+    def format_from_config(self, qc):
+        base = qc["format"]
+        return get_format(
+            base,
+            qc["block_size"],
+            scale=qc["scale_codec"],
+            has_global=qc["has_global"],
+            mx_rule=qc.get("mx_rule", "floor"),
+        )
+
+
+_BY_NAME: dict[str, type[Dialect]] = {
+    "compressed-tensors": CompressedTensors,
+    "modelopt": ModelOpt,
+    "native": Native,
+}
+_BY_METHOD = {"compressed-tensors": "compressed-tensors", "modelopt": "modelopt", "mxptq": "native"}
+
+
+def get_dialect(name: str) -> Dialect:
+    if name not in _BY_NAME:
+        raise MxptqError(f"unknown dialect {name!r} (one of {', '.join(DIALECTS)})")
+    return _BY_NAME[name]()
+
+
+def default_dialect(fmt: Format) -> str:
+    """compressed-tensors where it can express the format, else native."""
+    try:
+        CompressedTensors().check(fmt)
+        return "compressed-tensors"
+    except MxptqError:
+        return "native"
+
+
+def dialect_of_config(qc: dict) -> Dialect:
+    method = qc.get("quant_method")
+    if method not in _BY_METHOD:
+        raise MxptqError(f"quant_method {method!r} is not a dialect mxptq reads")
+    return get_dialect(_BY_METHOD[method])

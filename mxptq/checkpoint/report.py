@@ -1,0 +1,59 @@
+"""The report written into every output folder: versions, flags, per-tensor error, timings."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+REPORT_NAME = "mxptq_report.json"
+
+
+def versions(mxptq_version: str) -> dict:
+    import safetensors
+    import torch
+    import transformers
+
+    v = {
+        "mxptq": mxptq_version,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+    }
+    try:
+        import triton
+
+        v["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        v["gpu"] = torch.cuda.get_device_name()
+    return v
+
+
+def write_report(folder: Path, plan, flags, stats, state, seconds, device, version) -> dict:
+    rel = sorted(s["rel_mse"] for s in stats)
+    report = {
+        "versions": versions(version),
+        "flags": flags,
+        "device": device,
+        "format": plan.fmt.name,
+        "block_size": plan.fmt.block_size,
+        "scale": plan.scale,
+        "dialect": plan.dialect.name,
+        "plan": plan.summary(),
+        "kept": {it.name: it.reason for it in plan.items if it.action == "keep"},
+        "error": {
+            "tensors": len(rel),
+            "rel_mse_mean": sum(rel) / len(rel) if rel else 0.0,
+            "rel_mse_max": rel[-1] if rel else 0.0,
+        },
+        "tensors": sorted(stats, key=lambda s: s["name"]),
+        "timings": {
+            "total_s": seconds,
+            "shards": {v["file"]: v["seconds"] for v in state["done"].values()},
+        },
+    }
+    (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    return report

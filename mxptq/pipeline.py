@@ -1,0 +1,327 @@
+"""Stream a checkpoint shard by shard: a reader thread loads tensors (and the amax of fused
+partners stored in other shards), the main thread quantizes on the device, a writer thread
+writes each finished output shard. Output goes to a hidden folder next to --out, renamed into
+place only when complete; finished shards are recorded there so --resume can continue."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint.report import write_report
+from .checkpoint.safetensors_io import INDEX_NAME, read_tensor, write_index, write_shard
+from .errors import MxptqError
+from .plan import Item, Plan
+from .tensor import dequantize, quantize_tensor
+
+STATE_NAME = ".mxptq-state.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+FAIL_AFTER_ENV = "MXPTQ_FAIL_AFTER_SHARD"  # testing hook: crash after this many output shards
+_PREFETCH_BUNDLES = 4
+
+
+@dataclass
+class RunOptions:
+    out: Path
+    device: str = "auto"
+    overwrite: bool = False
+    resume: bool = False
+    flags: dict = field(default_factory=dict)  # recorded in the report and the resume signature
+
+
+@dataclass
+class _Bundle:
+    """Tensors quantized together: one item, or the in-shard members of a fused set, plus the
+    amax of partners that live in other shards."""
+
+    items: list[Item]
+    tensors: list[torch.Tensor]
+    partner_amax: float | None = None
+
+
+def partial_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.mxptq-partial"
+
+
+def output_shard_names(plan: Plan) -> dict[str, str]:
+    n = len(plan.shards)
+    if n == 1:
+        return {plan.shards[0].name: "model.safetensors"}
+    return {s.name: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, s in enumerate(plan.shards)}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MxptqError("--device cuda: no CUDA device is available")
+    if device not in ("cuda", "cpu"):
+        raise MxptqError(f"unknown device {device!r} (auto, cuda or cpu)")
+    return torch.device(device)
+
+
+def _backend(device: torch.device) -> str:
+    """The Triton kernels on CUDA when they are installed, else the torch reference."""
+    if device.type != "cuda":
+        return "torch"
+    try:
+        from .kernels import quantize  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "auto"
+
+
+def prepare_output(out: Path, overwrite: bool, resume: bool) -> Path:
+    """Check --out before heavy work and return the partial folder to write into."""
+    if out.exists() and not out.is_dir():
+        raise MxptqError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MxptqError(f"--out {out}: folder is not empty (pass --overwrite to replace it)")
+    tmp = partial_dir(out)
+    if tmp.exists() and not resume:
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        probe = tmp / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise MxptqError(f"--out {out}: cannot write there ({e.strerror or e})") from e
+    return tmp
+
+
+def signature(plan: Plan, flags: dict) -> str:
+    """What must be equal for --resume to continue a run: flags and the input headers."""
+    h = hashlib.sha256(json.dumps(flags, sort_keys=True, default=str).encode())
+    for it in plan.items:
+        h.update(f"{it.name}|{it.info.shard}|{it.info.dtype}|{it.info.shape}|{it.action}".encode())
+    return h.hexdigest()
+
+
+class Quantizer:
+    """Quantize the items of a bundle on the device; returns output tensors and statistics."""
+
+    def __init__(self, plan: Plan, device: torch.device):
+        self.plan, self.device, self.backend = plan, device, _backend(device)
+
+    def _one(self, w: torch.Tensor, name: str, amax) -> tuple:
+        try:
+            qt = quantize_tensor(
+                w, self.plan.fmt, self.plan.scale, global_amax=amax, backend=self.backend
+            )
+        except ValueError as e:
+            raise MxptqError(f"tensor {name}: {e}") from e
+        wf = w.float()
+        den = float((wf * wf).sum())
+        err = float(((wf - dequantize(qt)) ** 2).sum())
+        return qt.to("cpu"), err, den
+
+    def run(self, b: _Bundle) -> tuple[dict[str, torch.Tensor], list[dict]]:
+        dev = [t.to(self.device) for t in b.tensors]
+        amax = None
+        if len(b.items) > 1 or b.partner_amax is not None:
+            amax = torch.stack([t.abs().amax().float() for t in dev]).amax()
+            if b.partner_amax is not None:
+                amax = torch.maximum(amax, torch.tensor(b.partner_amax, device=self.device))
+        out: dict[str, torch.Tensor] = {}
+        stats: list[dict] = []
+        d = self.plan.dialect
+        for it, w in zip(b.items, dev, strict=True):
+            if it.layout is None:
+                qt, err, den = self._one(w, it.name, amax)
+                out.update(d.tensors(it.modules[0], qt))
+            else:
+                err = den = 0.0
+                for e in range(w.shape[0]):
+                    we = w[e] if it.layout == "out_in" else w[e].t().contiguous()
+                    qt, e_err, e_den = self._one(we, f"{it.name}[{e}]", None)
+                    err, den = err + e_err, den + e_den
+                    rows = qt.codes.shape[0] // it.split
+                    for j in range(it.split):
+                        part = type(qt)(
+                            qt.codes[j * rows : (j + 1) * rows],
+                            qt.scales[j * rows : (j + 1) * rows],
+                            qt.global_scale,
+                            qt.format,
+                        )
+                        out.update(d.tensors(it.modules[e * it.split + j], part))
+            stats.append(
+                {"name": it.name, "shape": list(it.info.shape), "group": it.group,
+                 "rel_mse": err / den if den else 0.0}
+            )
+        return out, stats
+
+
+def _reader(plan: Plan, shards: list[Path], q: queue.Queue, stop: threading.Event) -> None:
+    """Produce bundles shard by shard; partners in other shards contribute only their amax."""
+    by_shard = plan.by_shard()
+    where = {it.name: it for it in plan.items}
+    try:
+        for shard in shards:
+            with open(shard, "rb") as f:
+                done: set[str] = set()
+                for it in by_shard.get(shard.name, []):
+                    if stop.is_set():
+                        return
+                    if it.name in done:
+                        continue
+                    if it.action == "keep" or not it.group:
+                        q.put(_Bundle([it], [read_tensor(f, it.info)]))
+                        continue
+                    members = [where[n] for n in plan.groups[it.group]]
+                    local = [m for m in members if m.info.shard == shard.name]
+                    amax = None
+                    for m in members:
+                        if m.info.shard != shard.name:
+                            with open(plan.model_dir / m.info.shard, "rb") as g:
+                                a = float(read_tensor(g, m.info).abs().amax().float())
+                            amax = a if amax is None else max(amax, a)
+                    done.update(m.name for m in local)
+                    q.put(_Bundle(local, [read_tensor(f, m.info) for m in local], amax))
+            q.put(shard.name)
+        q.put(None)
+    except BaseException as e:  # handed to the main thread, which re-raises it
+        q.put(e)
+
+
+def run(
+    plan: Plan,
+    opts: RunOptions,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Quantize the whole plan into opts.out; returns the report dict."""
+    t0 = time.perf_counter()
+    device = resolve_device(opts.device)
+    tmp = prepare_output(opts.out, opts.overwrite, opts.resume)
+    names = output_shard_names(plan)
+    sig = signature(plan, opts.flags)
+    state_path = tmp / STATE_NAME
+    state = {"signature": sig, "done": {}}
+    if opts.resume and state_path.is_file():
+        prev = json.loads(state_path.read_text())
+        if prev.get("signature") != sig:
+            raise MxptqError(
+                f"--resume: {tmp} holds a run with other flags or input; drop --resume"
+            )
+        state = prev
+    done = {s for s, v in state["done"].items() if (tmp / v["file"]).is_file()}
+    todo = [s for s in plan.shards if s.name not in done]
+    fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)
+
+    quant = Quantizer(plan, device)
+    q: queue.Queue = queue.Queue(maxsize=_PREFETCH_BUNDLES)
+    stop = threading.Event()
+    reader = threading.Thread(target=_reader, args=(plan, todo, q, stop), daemon=True)
+    writer = ThreadPoolExecutor(max_workers=1)
+    pending: Future | None = None
+    lock = threading.Lock()
+
+    def finish_shard(src: str, tensors: dict, stats: list, seconds: float) -> None:
+        size = write_shard(tmp / names[src], tensors)
+        with lock:
+            state["done"][src] = {"file": names[src], "size": size, "stats": stats,
+                                  "seconds": seconds}
+            state_path.write_text(json.dumps(state))
+
+    reader.start()
+    written = 0
+    try:
+        out: dict[str, torch.Tensor] = {}
+        stats: list[dict] = []
+        t_shard = time.perf_counter()
+        while True:
+            b = q.get()
+            if isinstance(b, BaseException):
+                raise b
+            if b is None:
+                break
+            if isinstance(b, str):
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(
+                    finish_shard, b, out, stats, time.perf_counter() - t_shard
+                )
+                out, stats, t_shard = {}, [], time.perf_counter()
+                written += 1
+                if fail_after and written >= fail_after:
+                    pending.result()
+                    raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: simulated crash")
+                continue
+            if b.items[0].action == "keep":
+                out[b.items[0].name] = b.tensors[0]
+            else:
+                o, s = quant.run(b)
+                out.update(o)
+                stats.extend(s)
+            if on_progress:
+                on_progress(len(b.items), sum(it.info.nbytes for it in b.items))
+        if pending is not None:
+            pending.result()
+    except BaseException:
+        stop.set()
+        while reader.is_alive():
+            with contextlib.suppress(queue.Empty):
+                q.get(timeout=0.1)
+        raise
+    finally:
+        writer.shutdown(wait=True)
+
+    report = finalize(plan, opts, tmp, names, state, time.perf_counter() - t0, device)
+    return report
+
+
+def finalize(plan, opts, tmp, names, state, seconds, device) -> dict:
+    """Index, config, copied files and report; then move the folder into place."""
+    weight_map = {}
+    for it in plan.items:
+        for n in plan.output_names(it):
+            weight_map[n] = names[it.info.shard]
+    total = sum(v["size"] for v in state["done"].values())
+    write_index(tmp, weight_map, total)
+    _copy_side_files(plan.model_dir, tmp)
+    config = json.loads((plan.model_dir / "config.json").read_text())
+    config["quantization_config"] = plan.dialect.config(plan.fmt, plan.scale, plan.ignore)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for fname, content in plan.dialect.extra_files(plan.fmt, plan.ignore).items():
+        (tmp / fname).write_text(json.dumps(content, indent=2) + "\n")
+    stats = [s for v in state["done"].values() for s in v["stats"]]
+    report = write_report(tmp, plan, opts.flags, stats, state, seconds, str(device), __version__)
+    (tmp / STATE_NAME).unlink(missing_ok=True)
+    out = opts.out
+    if out.exists():
+        old = out.parent / f".{out.name}.mxptq-old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return report
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """Tokenizer, generation config and other non-weight files, byte for byte."""
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src)
+        if (
+            p.is_dir()
+            or rel.parts[0].startswith(".")
+            or p.name.endswith(WEIGHT_SUFFIXES)
+            or p.name in ("config.json", INDEX_NAME, "hf_quant_config.json")
+        ):
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p, dst / rel)

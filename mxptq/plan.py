@@ -1,0 +1,237 @@
+"""Decide per tensor, before any heavy work: quantize (as which output module, sharing a
+global scale with which fused partners), keep (and why), or refuse the whole run."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint.dialects import Dialect
+from .checkpoint.safetensors_io import DTYPE_SIZES, TensorInfo, list_shards, read_header
+from .errors import MxptqError
+from .formats import Format
+from .skeleton import Skeleton, build_skeleton
+
+# Projections that serving stacks fuse and that must therefore share one global scale
+# (formats.md §2.6): attention q/k/v, MLP gate/up, Mixtral w1/w3, MLA, BERT query/key/value.
+FUSED_SETS = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+    ("w1", "w3"),
+    ("q_a_proj", "kv_a_proj_with_mqa"),
+    ("query", "key", "value"),
+)
+_EXPERT_2D = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)$")
+FLOAT_DTYPES = ("F32", "BF16", "F16")
+
+
+@dataclass
+class Item:
+    """One input tensor and what to do with it."""
+
+    info: TensorInfo
+    action: str  # "quantize" or "keep"
+    reason: str
+    modules: list[str] = field(default_factory=list)  # output Linear module(s)
+    group: str | None = None  # fused set sharing one global scale
+    layout: str | None = None  # fused 3-D experts: "out_in" or "in_out"
+    split: int = 1  # 3-D gate_up tensors: each expert slice splits into this many modules
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+
+@dataclass
+class Plan:
+    """The whole run, decided up front."""
+
+    model_dir: Path
+    shards: list[Path]
+    items: list[Item]
+    fmt: Format
+    scale: str
+    dialect: Dialect
+    ignore: list[str]  # Linear modules left dense, as written into the config
+    groups: dict[str, list[str]]  # group -> input tensor names
+
+    def by_shard(self) -> dict[str, list[Item]]:
+        out: dict[str, list[Item]] = defaultdict(list)
+        for it in self.items:
+            out[it.info.shard].append(it)
+        return out
+
+    def output_names(self, item: Item) -> list[str]:
+        if item.action == "keep":
+            return [item.name]
+        return [n for m in item.modules for n in self.dialect.names(m, self.fmt)]
+
+    def bytes_out(self, item: Item) -> int:
+        if item.action == "keep":
+            return item.info.nbytes
+        numel = item.info.nbytes // DTYPE_SIZES[item.info.dtype]
+        g = 4 * len(item.modules) if self.fmt.has_global else 0
+        return numel // 2 + numel // self.fmt.block_size + g
+
+    def summary(self) -> dict:
+        c = Counter(it.action for it in self.items)
+        reasons = Counter(it.reason for it in self.items if it.action == "keep")
+        return {
+            "tensors": len(self.items),
+            "quantize": c["quantize"],
+            "keep": c["keep"],
+            "fused_groups": len(self.groups),
+            "shards": len(self.shards),
+            "bytes_in": sum(it.info.nbytes for it in self.items),
+            "bytes_out": sum(self.bytes_out(it) for it in self.items),
+            "kept_reasons": dict(reasons.most_common()),
+            "ignore": self.ignore,
+        }
+
+
+def matches(patterns: list[str], name: str) -> bool:
+    """fnmatch wildcards, or `re:`-prefixed regular expressions (compressed-tensors style)."""
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.search(p[3:], name):
+                return True
+        elif fnmatch.fnmatchcase(name, p):
+            return True
+    return False
+
+
+def _fused_group(module: str) -> str | None:
+    parent, _, leaf = module.rpartition(".")
+    for fs in FUSED_SETS:
+        if leaf in fs:
+            return f"{parent}.{'+'.join(fs)}"
+    return None
+
+
+def read_tensors(shards: list[Path]) -> list[TensorInfo]:
+    seen: dict[str, TensorInfo] = {}
+    for s in shards:
+        for name, info in read_header(s).items():
+            if name in seen:
+                raise MxptqError(f"tensor {name} appears in {seen[name].shard} and {s.name}")
+            seen[name] = info
+    return list(seen.values())
+
+
+def _linear_item(info, module, sk_name, sk, fmt, ignore, quantize_lm_head) -> Item:
+    k = info.shape[1]
+    if sk_name in sk.lm_head and not quantize_lm_head:
+        return Item(info, "keep", "lm_head (pass --quantize-lm-head to quantize it)")
+    if matches(ignore, module) or (sk_name and matches(ignore, sk_name)):
+        return Item(info, "keep", "matches --ignore")
+    if info.dtype not in FLOAT_DTYPES:
+        return Item(info, "keep", f"dtype {info.dtype} is not bf16/fp16/fp32")
+    if k % fmt.block_size:
+        return Item(info, "keep", f"input dim not a multiple of block {fmt.block_size}")
+    return Item(info, "quantize", "linear", [module], _fused_group(module))
+
+
+def _expert3d_item(info, layout, fmt, ignore) -> Item:
+    base = info.name
+    parent, _, pname = base.rpartition(".")
+    if layout == "unknown":
+        raise MxptqError(
+            f"tensor {base}: fused 3-D expert tensor with a layout mxptq cannot tell from the "
+            "model code; pass --ignore to keep it dense"
+        )
+    if matches(ignore, base) or matches(ignore, parent):
+        return Item(info, "keep", "matches --ignore")
+    if info.dtype not in FLOAT_DTYPES:
+        return Item(info, "keep", f"dtype {info.dtype} is not bf16/fp16/fp32")
+    e, a, b = info.shape
+    k = b if layout == "out_in" else a
+    if k % fmt.block_size:
+        return Item(info, "keep", f"input dim not a multiple of block {fmt.block_size}")
+    if pname == "gate_up_proj":
+        mods = [f"{parent}.{i}.{p}" for i in range(e) for p in ("gate_proj", "up_proj")]
+        return Item(info, "quantize", "fused experts", mods, layout=layout, split=2)
+    mods = [f"{parent}.{i}.{pname}" for i in range(e)]
+    return Item(info, "quantize", "fused experts", mods, layout=layout)
+
+
+def classify(info: TensorInfo, sk: Skeleton, fmt, ignore, quantize_lm_head) -> Item:
+    """The decision for one tensor, from its name, shape and the skeleton."""
+    if not info.name.endswith(".weight"):
+        if len(info.shape) == 3:
+            key = sk.match_expert_param(info.name)
+            if key is not None:
+                return _expert3d_item(info, sk.experts[key], fmt, ignore)
+        return Item(info, "keep", "not a Linear weight")
+    module = info.name[: -len(".weight")]
+    if len(info.shape) != 2:
+        return Item(info, "keep", "not a Linear weight")
+    sk_name = sk.match_linear(module)
+    if sk_name is None and sk.expert_modules and _EXPERT_2D.match(module):
+        sk_name = ""  # a per-expert projection of a fused-experts model (checkpoint naming)
+    if sk_name is None:
+        return Item(info, "keep", "not a Linear weight")
+    return _linear_item(info, module, sk_name, sk, fmt, ignore, quantize_lm_head)
+
+
+def _settle_groups(items: list[Item]) -> dict[str, list[str]]:
+    """All members of a fused set are quantized or none (vLLM refuses mixed schemes)."""
+    members: dict[str, list[Item]] = defaultdict(list)
+    for it in items:
+        if it.group:
+            members[it.group].append(it)
+    kept_modules = {it.name[: -len(".weight")] for it in items if it.action == "keep"}
+    groups: dict[str, list[str]] = {}
+    for g, its in members.items():
+        parent = g.rpartition(".")[0]
+        leaves = next(fs for fs in FUSED_SETS if "+".join(fs) == g.rpartition(".")[2])
+        blocked = [f"{parent}.{x}" for x in leaves if f"{parent}.{x}" in kept_modules]
+        if blocked:
+            for it in its:
+                it.action, it.reason, it.group = "keep", f"fused partner {blocked[0]} kept", None
+        elif len(its) == 1:
+            its[0].group = None
+        else:
+            groups[g] = sorted(it.name for it in its)
+    return groups
+
+
+def build_plan(
+    model_dir: Path,
+    fmt: Format,
+    scale: str,
+    dialect: Dialect,
+    ignore: list[str] | None = None,
+    quantize_lm_head: bool = False,
+) -> Plan:
+    """Read headers and config only; decide everything; raise MxptqError on what cannot work."""
+    dialect.check(fmt)
+    ignore = list(ignore or [])
+    shards = list_shards(model_dir)
+    infos = read_tensors(shards)
+    sk = build_skeleton(model_dir)
+    items = [classify(i, sk, fmt, ignore, quantize_lm_head) for i in infos]
+    groups = _settle_groups(items)
+    kept_linear = _dense_linears(items, sk)
+    if not any(it.action == "quantize" for it in items):
+        raise MxptqError(f"{model_dir}: no Linear weight can be quantized with {fmt.name}")
+    return Plan(model_dir, shards, items, fmt, scale, dialect, kept_linear, groups)
+
+
+def _dense_linears(items: list[Item], sk: Skeleton) -> list[str]:
+    """Linear modules that stay dense: every skeleton Linear no quantized tensor covers (kept
+    ones, a tied lm_head absent from the checkpoint) plus kept per-expert projections. Loaders
+    that target all Linear layers must be told to skip exactly these."""
+    covered, dense = set(), set()
+    for it in items:
+        if not it.name.endswith(".weight") or len(it.info.shape) != 2:
+            continue
+        module = it.name[: -len(".weight")]
+        sk_name = sk.match_linear(module)
+        if it.action == "quantize":
+            covered.add(sk_name or module)
+        elif sk_name is None and sk.expert_modules and _EXPERT_2D.match(module):
+            dense.add(module)
+    return sorted((sk.linears - covered) | dense)

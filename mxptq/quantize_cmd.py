@@ -1,0 +1,163 @@
+"""`mxptq quantize`: resolve options, plan, print the plan, run the pipeline, summarize."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from .checkpoint.dialects import default_dialect, get_dialect
+from .errors import MxptqError
+from .formats import FORMATS, get_format
+from .pipeline import RunOptions, partial_dir, run
+from .plan import Plan, build_plan
+from .recipes import load_recipe, merge
+from .scales import SELECTORS
+from .source import resolve_model
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
+def resolve_options(cli: dict, recipe: Path | None) -> dict:
+    opts = merge(load_recipe(recipe) if recipe else {}, cli)
+    if not opts["model"]:
+        raise MxptqError("--model is required (a hub id or a local folder)")
+    if not opts["out"]:
+        raise MxptqError("--out is required")
+    if opts["format"] not in FORMATS:
+        raise MxptqError(f"unknown --format {opts['format']!r} (one of {', '.join(FORMATS)})")
+    if opts["scale"] not in SELECTORS:
+        raise MxptqError(f"unknown --scale {opts['scale']!r} (one of {', '.join(SELECTORS)})")
+    try:
+        fmt = get_format(opts["format"], opts["block-size"])
+    except ValueError as e:
+        raise MxptqError(f"--block-size: {e}") from e
+    opts["fmt"] = fmt
+    opts["dialect"] = opts["dialect"] or default_dialect(fmt)
+    get_dialect(opts["dialect"]).check(fmt)
+    try:
+        from .scales import resolve_selector
+
+        resolve_selector(fmt, opts["scale"])
+    except ValueError as e:
+        raise MxptqError(f"--scale {opts['scale']} with --format {fmt.name}: {e}") from e
+    return opts
+
+
+def plan_table(plan: Plan) -> Table:
+    s = plan.summary()
+    t = Table(title=f"plan: {plan.model_dir.name} -> {plan.fmt.name} / {plan.scale} / "
+              f"{plan.dialect.name} (block {plan.fmt.block_size})")
+    t.add_column("what")
+    t.add_column("count", justify="right")
+    t.add_row("input shards", str(s["shards"]))
+    t.add_row("tensors", str(s["tensors"]))
+    t.add_row("quantize", str(s["quantize"]))
+    t.add_row("fused sets sharing a global scale", str(s["fused_groups"]))
+    for reason, n in s["kept_reasons"].items():
+        t.add_row(f"keep: {reason}", str(n))
+    t.add_row("bytes in", _gib(s["bytes_in"]))
+    t.add_row("bytes out (estimate)", _gib(s["bytes_out"]))
+    if s["ignore"]:
+        shown = ", ".join(s["ignore"][:6]) + (" ..." if len(s["ignore"]) > 6 else "")
+        t.add_row("dense Linear layers", f"{len(s['ignore'])}: {shown}")
+    return t
+
+
+def summary_table(report: dict, out: Path) -> Table:
+    t = Table(title=f"wrote {out}")
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    e = report["error"]
+    t.add_row("quantized tensors", str(e["tensors"]))
+    t.add_row("relative MSE mean / max", f"{e['rel_mse_mean']:.3e} / {e['rel_mse_max']:.3e}")
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    t.add_row("checkpoint size", _gib(size))
+    t.add_row("wall time", f"{report['timings']['total_s']:.1f} s")
+    t.add_row("device", report["device"])
+    return t
+
+
+def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool, resume: bool,
+                  as_json: bool) -> None:
+    """Everything after argument parsing; raises MxptqError for the user's mistakes."""
+    console = Console(stderr=as_json)
+    opts = resolve_options(cli, recipe)
+    out = Path(opts["out"]).expanduser().resolve()
+    model_dir = resolve_model(str(opts["model"]))
+    if model_dir == out or out in model_dir.parents:
+        raise MxptqError(f"--out {out}: must not be the input folder or inside it")
+    plan = build_plan(
+        model_dir, opts["fmt"], opts["scale"], get_dialect(opts["dialect"]),
+        opts["ignore"], bool(opts["quantize-lm-head"]),
+    )
+    console.print(plan_table(plan))
+    if dry_run:
+        if as_json:
+            print(json.dumps({"plan": plan.summary()}, indent=2))
+        return
+    flags = {k: opts[k] for k in ("format", "scale", "block-size", "dialect", "ignore",
+                                  "quantize-lm-head", "device")}
+    flags["model"] = str(opts["model"])
+    ropts = RunOptions(out, opts["device"], overwrite, resume, flags)
+    total = plan.summary()
+    with Progress(
+        TextColumn("[bold]quantize"), BarColumn(), TaskProgressColumn(),
+        TextColumn("{task.fields[tensors]}"), DownloadColumn(binary_units=True),
+        TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, disable=as_json or not console.is_terminal,
+    ) as progress:
+        task = progress.add_task("q", total=total["bytes_in"], tensors=f"0/{total['tensors']}")
+        seen = [0]
+
+        def on_progress(n_tensors: int, n_bytes: int) -> None:
+            seen[0] += n_tensors
+            progress.update(task, advance=n_bytes, tensors=f"{seen[0]}/{total['tensors']} tensors")
+
+        try:
+            report = run(plan, ropts, on_progress)
+        except MxptqError:
+            raise
+        except KeyboardInterrupt as e:
+            raise MxptqError(
+                f"interrupted; finished shards are kept in {partial_dir(out)}: rerun with --resume"
+            ) from e
+    console.print(summary_table(report, out))
+    if as_json:
+        print(json.dumps({"plan": plan.summary(), "out": str(out), "error": report["error"],
+                          "timings": report["timings"]}, indent=2))
+
+
+def fail(msg: str, code: int = 2) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def guarded(fn, *args) -> None:
+    """One line per failure: MxptqError is the user's; anything else is ours (traceback with
+    MXPTQ_DEBUG=1)."""
+    try:
+        fn(*args)
+    except MxptqError as e:
+        fail(str(e))
+    except Exception as e:
+        if os.environ.get("MXPTQ_DEBUG"):
+            raise
+        out = args[0].get("out") if args and isinstance(args[0], dict) else None
+        hint = f"; finished shards are kept for --resume next to {out}" if out else ""
+        fail(f"internal error: {type(e).__name__}: {e}{hint} (MXPTQ_DEBUG=1 shows a traceback)", 1)

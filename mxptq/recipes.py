@@ -1,0 +1,54 @@
+"""Recipes: YAML files whose keys are the `mxptq quantize` flags (without dashes); values given
+on the command line win over the recipe's, which win over the built-in defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from .errors import MxptqError
+
+DEFAULTS: dict = {
+    "format": "nvfp4",
+    "scale": "search",
+    "block-size": None,
+    "dialect": None,  # compressed-tensors where it can express the format, else native
+    "ignore": [],
+    "quantize-lm-head": False,
+    "device": "auto",
+    "model": None,
+    "out": None,
+}
+KEYS = tuple(DEFAULTS)
+
+
+def load_recipe(path: Path) -> dict:
+    """Read and check a recipe; keys may use dashes or underscores."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise MxptqError(f"--recipe {path}: cannot read ({e.strerror or e})") from e
+    except yaml.YAMLError as e:
+        raise MxptqError(f"--recipe {path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(data, dict):
+        raise MxptqError(f"--recipe {path}: expected a mapping of flag names to values")
+    out = {}
+    for k, v in data.items():
+        key = str(k).replace("_", "-")
+        if key not in KEYS:
+            raise MxptqError(f"--recipe {path}: unknown key {k!r} (known: {', '.join(KEYS)})")
+        if key == "ignore" and isinstance(v, str):
+            v = [v]
+        out[key] = v
+    return out
+
+
+def merge(recipe: dict, cli: dict) -> dict:
+    """Defaults, then the recipe, then flags given on the command line (None = not given)."""
+    opts = dict(DEFAULTS)
+    opts.update(recipe)
+    for k, v in cli.items():
+        if v is not None and not (k == "ignore" and not v):
+            opts[k] = v
+    return opts

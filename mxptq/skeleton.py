@@ -1,0 +1,118 @@
+"""A meta-device model built from config.json: which modules are Linear layers, and how fused
+3-D MoE expert tensors are laid out. Nothing is allocated and no weight is read."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import MxptqError
+
+
+@dataclass
+class Skeleton:
+    """Linear module names (model naming), fused-expert parameters with their layout, and the
+    base-model prefix used to match checkpoint names that carry or lack it."""
+
+    linears: set[str] = field(default_factory=set)
+    experts: dict[str, str] = field(default_factory=dict)  # "…experts.gate_up_proj" -> layout
+    expert_modules: set[str] = field(default_factory=set)
+    prefix: str = ""
+    lm_head: set[str] = field(default_factory=set)
+    model_class: str = ""
+
+    def match_linear(self, module: str) -> str | None:
+        """The skeleton Linear a checkpoint module path names, allowing a missing or extra
+        base-model prefix (e.g. `bert.` or `model.`)."""
+        for cand in self._candidates(module):
+            if cand in self.linears:
+                return cand
+        return None
+
+    def match_expert_param(self, name: str) -> str | None:
+        for cand in self._candidates(name):
+            if cand in self.experts:
+                return cand
+        return None
+
+    def _candidates(self, name: str) -> list[str]:
+        out = [name]
+        if self.prefix:
+            if name.startswith(self.prefix + "."):
+                out.append(name[len(self.prefix) + 1 :])
+            else:
+                out.append(f"{self.prefix}.{name}")
+        return out
+
+
+def expert_layout(module, pname: str) -> str | None:
+    """"out_in" when the forward computes linear(x, W[e]) (W[e] is [out, in]), "in_out" when it
+    computes x @ W[e]; None when the code does not say (the plan then refuses the tensor)."""
+    try:
+        src = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return None
+    p = re.escape(pname)
+    if re.search(rf"linear\(\s*[^,]+,\s*self\.{p}\[", src):
+        return "out_in"
+    if re.search(rf"@\s*self\.{p}\b", src) or re.search(rf"(bmm|matmul)\([^)]*self\.{p}\b", src):
+        return "in_out"
+    return None
+
+
+def build_skeleton(model_dir: Path) -> Skeleton:
+    """Instantiate the model class from config.json on the meta device and inspect it."""
+    import torch
+    import transformers
+    from accelerate import init_empty_weights
+
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise MxptqError(f"{model_dir}: no config.json")
+    try:
+        raw = json.loads(cfg_path.read_text())
+        config = transformers.AutoConfig.from_pretrained(model_dir)
+    except Exception as e:  # transformers raises ValueError/KeyError/OSError for bad configs
+        raise MxptqError(f"{cfg_path}: cannot read the model config ({e})") from e
+    classes = []
+    for arch in raw.get("architectures") or []:
+        if hasattr(transformers, arch):
+            classes.append(getattr(transformers, arch))
+    model = None
+    with init_empty_weights(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for cls in classes:
+            try:
+                model = cls._from_config(config)
+                break
+            except Exception:  # any failure: try the next way to build it
+                model = None
+        for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+            if model is not None:
+                break
+            try:
+                model = auto.from_config(config)
+            except Exception:
+                model = None
+    if model is None:
+        raise MxptqError(
+            f"{cfg_path}: transformers {transformers.__version__} cannot build model type "
+            f"{raw.get('model_type')!r}"
+        )
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    sk = Skeleton(prefix=prefix, model_class=type(model).__name__)
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            sk.linears.add(name)
+            if mod is out_emb or name.split(".")[-1] == "lm_head":
+                sk.lm_head.add(name)
+        for pname, p in mod.named_parameters(recurse=False):
+            if p.dim() == 3:
+                sk.experts[f"{name}.{pname}"] = expert_layout(mod, pname) or "unknown"
+                sk.expert_modules.add(name)
+    return sk
