@@ -1,0 +1,260 @@
+"""Fused FP4 dequantize-GEMM (W4A16): out = x · dequant(W)ᵀ (+ b), weights kept packed.
+
+The kernel computes the transposed product outᵀ[N, M] = W'[N, K] · xᵀ[K, M] ("swap AB"), so the
+dequantized weight tile is the register-resident A operand of the tensor-core dot (on Hopper a
+wgmma may take A from registers, B from shared memory) and the token dimension M is the dot's
+narrow N side: a single token pads to 16 columns, not to 64 rows.
+
+Dequantization is exact and runs in registers. A nibble's bits are moved into an fp16 pattern
+((c & 7) << 9 | (c & 8) << 12) whose value is E2M1(c)·2^-14 (code 1, the value 0.5, lands on
+an fp16 subnormal), and the block scale is decoded with 2^14 folded in, so the product is
+E2M1·S exactly; it has at most 5 significant bits and so is exact in bf16 too. The global scale
+divides the fp32 accumulator once in the epilogue, not every weight.
+
+One jitted body serves two autotuned launchers chosen by M: narrow tiles for M <= 64
+(memory-bound; many programs along N, long K steps so that each row read is 128 bytes wide)
+and 128-wide tiles with deeper pipelines for the compute-bound large-M case.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+SMALL_M_MAX = 64  # M at or under this uses the skinny launcher
+
+
+@triton.jit
+def _e2m1_times_2pow_m14(c):
+    """fp16 holding E2M1(c)·2^-14 for codes c (uint16, 0..15): a bit move, no table."""
+    bits = ((c & 7) << 9) | ((c & 8) << 12)
+    return bits.to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _scale_times_2pow14(code, MAN: tl.constexpr, BIAS: tl.constexpr):
+    """Block-scale codes (int32) to fp32 value·2^14, from exponent bits.
+
+    E8M0 (MAN == 0) is 2^(c-127+14): exact for codes <= 240 (scales up to 2^113); larger
+    codes read as +Inf. Minifloats are mantissa·2^(max(e, 1) - BIAS - MAN + 14), subnormals
+    included.
+    """
+    if MAN == 0:
+        return (tl.minimum(code + 14, 255) << 23).to(tl.float32, bitcast=True)
+    e = code >> MAN
+    m = code & ((1 << MAN) - 1)
+    mant = tl.where(e > 0, m + (1 << MAN), m).to(tl.float32)
+    p2 = ((tl.maximum(e, 1) + (127 + 14 - BIAS - MAN)) << 23).to(tl.float32, bitcast=True)
+    return mant * p2
+
+
+@triton.jit
+def _fp4_gemm_kernel(
+    x_ptr,
+    codes_ptr,
+    scales_ptr,
+    g_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K: tl.constexpr,
+    stride_xm,
+    BLOCK: tl.constexpr,
+    MAN: tl.constexpr,
+    BIAS: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_BF16: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """outᵀ tile [BLOCK_N, BLOCK_M] = Σ_k W'[n, k]·x[m, k]; K must be a multiple of BLOCK_K."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    offs_n = tl.where(n_ok, offs_n, 0)  # clamp: out-of-range rows reread row 0, never stored
+    offs_m = tl.where(m_ok, offs_m, 0)
+    offs_c = tl.arange(0, BLOCK_K // 2)
+    offs_s = tl.arange(0, BLOCK_K // BLOCK)
+    offs_k = tl.arange(0, BLOCK_K)
+    c_ptrs = codes_ptr + offs_n[:, None] * (K // 2) + offs_c[None, :]
+    s_ptrs = scales_ptr + offs_n[:, None] * (K // BLOCK) + offs_s[None, :]
+    x_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for _ in range(0, K, BLOCK_K):
+        c = tl.load(c_ptrs).to(tl.uint16)
+        s = _scale_times_2pow14(tl.load(s_ptrs).to(tl.int32), MAN, BIAS)
+        xt = tl.load(x_ptrs)
+        q = _e2m1_times_2pow_m14(tl.interleave(c & 15, c >> 4)).to(tl.float32)
+        s = tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_K // BLOCK, BLOCK))
+        w = q * tl.reshape(s, (BLOCK_N, BLOCK_K))
+        if DOT_BF16:
+            acc = tl.dot(w.to(tl.bfloat16), xt.to(tl.bfloat16), acc)
+        else:
+            acc = tl.dot(w, xt.to(tl.float32), acc)
+        c_ptrs += BLOCK_K // 2
+        s_ptrs += BLOCK_K // BLOCK
+        x_ptrs += BLOCK_K
+    if HAS_GLOBAL:
+        acc = acc / tl.load(g_ptr)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n).to(tl.float32)[:, None]
+    o_ptrs = out_ptr + offs_m[None, :] * N + offs_n[:, None]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+
+
+def _cfg(bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# Skinny: each program streams BLOCK_N weight rows; narrow BLOCK_N keeps >= 1 wave of programs
+# on 132 SMs even at N = 4096, long BLOCK_K gives 128-byte code rows per load.
+SMALL_CONFIGS = [
+    _cfg(16, 256, 4, 4),
+    _cfg(32, 256, 4, 4),
+    _cfg(32, 128, 4, 5),
+    _cfg(64, 256, 4, 3),
+    _cfg(64, 128, 4, 4),
+    _cfg(128, 128, 8, 3),
+]
+# Large M: 128-row weight tiles (one warpgroup-wide wgmma A operand per 64 rows).
+LARGE_CONFIGS = [
+    _cfg(128, 64, 8, 3),
+    _cfg(128, 64, 8, 4),
+    _cfg(128, 128, 8, 3),
+    _cfg(256, 64, 8, 3),
+    _cfg(64, 64, 4, 4),
+]
+LARGE_BLOCK_M = (128, 256)
+
+
+def min_block_k(block_size: int) -> int:
+    """Shortest K step: one dot needs K >= 16, and a step must hold whole scale blocks."""
+    return max(16, block_size)
+
+
+def supported(k: int, block_size: int) -> bool:
+    """Whether the kernel takes this K (a multiple of the shortest K step)."""
+    return k % min_block_k(block_size) == 0
+
+
+def _prune(configs, named_args, **_):
+    """Keep tiles whose K step divides K and holds whole scale blocks; else the shortest step."""
+    k, b = named_args["K"], named_args["BLOCK"]
+    ok = [c for c in configs if k % c.kwargs["BLOCK_K"] == 0 and c.kwargs["BLOCK_K"] >= b]
+    if ok:
+        return ok
+    c = configs[0]
+    kw = {**c.kwargs, "BLOCK_K": min_block_k(b)}
+    return [triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages)]
+
+
+_AUTOTUNE_KEY = ["N", "K", "BLOCK", "MAN", "HAS_GLOBAL", "HAS_BIAS", "DOT_BF16", "BLOCK_M"]
+_small = triton.autotune(
+    SMALL_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune}
+)(_fp4_gemm_kernel)
+_large_configs = [
+    triton.Config({**c.kwargs, "BLOCK_M": bm}, num_warps=c.num_warps, num_stages=c.num_stages)
+    for c in LARGE_CONFIGS
+    for bm in LARGE_BLOCK_M
+]
+_large = triton.autotune(
+    _large_configs,
+    key=[k for k in _AUTOTUNE_KEY if k != "BLOCK_M"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_fp4_gemm_kernel)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """A fixed launch configuration (bypasses autotuning; tests and the interpreter use it)."""
+
+    block_n: int
+    block_m: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _small_block_m(m: int) -> int:
+    return max(16, triton.next_power_of_2(m))
+
+
+def fp4_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale_codes: torch.Tensor,
+    global_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    block_size: int,
+    scale_man_bits: int,
+    scale_bias: int,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """x [..., K] · dequant(W)ᵀ + bias, in x's dtype, for codes [N, K/2] (uint8) and block-scale
+    codes [N, K/B] (uint8 storage of any codec). bf16 activations use a bf16 dot; fp16 and fp32
+    activations use an fp32 (tf32 on GPU) dot, which holds fp16 values without loss."""
+    n, k = codes.shape[0], codes.shape[1] * 2
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight expects {k}")
+    if not supported(k, block_size):
+        raise ValueError(f"K = {k} is not a multiple of {min_block_k(block_size)}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out.reshape(*x.shape[:-1], n)
+    g = global_scale if global_scale is not None else codes  # unread when HAS_GLOBAL is False
+    b = bias if bias is not None else codes
+    args = (x2, codes, scale_codes, g, b, out, m, n, k, x2.stride(0))
+    meta = dict(
+        BLOCK=block_size,
+        MAN=scale_man_bits,
+        BIAS=scale_bias,
+        HAS_GLOBAL=global_scale is not None,
+        HAS_BIAS=bias is not None,
+        # The interpreter's numpy dot misreads bf16 operands, so there the dot runs in fp32.
+        DOT_BF16=x.dtype == torch.bfloat16 and not _INTERPRET,
+    )
+    if config is None and _INTERPRET:
+        bm = _small_block_m(m) if m <= SMALL_M_MAX else 64
+        config = GemmConfig(16, bm, min_block_k(block_size))
+    if config is not None:
+        if k % config.block_k or config.block_k % min_block_k(block_size):
+            raise ValueError(
+                f"BLOCK_K = {config.block_k} must divide K = {k} and be a multiple of "
+                f"{min_block_k(block_size)}"
+            )
+        grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m))
+        _fp4_gemm_kernel[grid](
+            *args,
+            **meta,
+            BLOCK_N=config.block_n,
+            BLOCK_M=config.block_m,
+            BLOCK_K=config.block_k,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+    elif m <= SMALL_M_MAX:
+        bm = _small_block_m(m)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, bm))  # noqa: E731
+        _small[grid](*args, **meta, BLOCK_M=bm)
+    else:
+        grid = lambda meta: (  # noqa: E731
+            triton.cdiv(n, meta["BLOCK_N"]),
+            triton.cdiv(m, meta["BLOCK_M"]),
+        )
+        _large[grid](*args, **meta)
+    return out.reshape(*x.shape[:-1], n)
