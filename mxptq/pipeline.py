@@ -270,11 +270,14 @@ def run(
                 on_progress(len(b.items), sum(it.info.nbytes for it in b.items))
         if pending is not None:
             pending.result()
-    except BaseException:
+    except BaseException as e:
         stop.set()
         while reader.is_alive():
             with contextlib.suppress(queue.Empty):
                 q.get(timeout=0.1)
+        writer.shutdown(wait=True)
+        if isinstance(e, MxptqError):  # bad input: a resume would fail the same way
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         writer.shutdown(wait=True)

@@ -100,7 +100,7 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
     opts = resolve_options(cli, recipe)
     out = Path(opts["out"]).expanduser().resolve()
     model_dir = resolve_model(str(opts["model"]))
-    if model_dir == out or out in model_dir.parents:
+    if model_dir == out or model_dir in out.parents:
         raise MxptqError(f"--out {out}: must not be the input folder or inside it")
     plan = build_plan(
         model_dir, opts["fmt"], opts["scale"], get_dialect(opts["dialect"]),

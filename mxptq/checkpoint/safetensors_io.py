@@ -130,6 +130,6 @@ def list_shards(folder: Path) -> list[Path]:
     if bins:
         raise MxptqError(
             f"{folder}: only PyTorch pickle weights ({bins[0]}); convert them to safetensors "
-            "first, e.g. AutoModel.from_pretrained(dir).save_pretrained(new_dir, safe_serialization=True)"
+            "first, e.g. AutoModel.from_pretrained(dir).save_pretrained(new_dir)"
         )
     raise MxptqError(f"{folder}: no *.safetensors weights found")

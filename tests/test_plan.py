@@ -1,0 +1,114 @@
+"""The plan: which tensors are quantized, kept (and why), and which share a global scale."""
+
+import json
+
+import pytest
+import torch
+from quant_helpers import STORIES, minilm_dir
+
+from mxptq.checkpoint.dialects import get_dialect
+from mxptq.errors import MxptqError
+from mxptq.formats import get_format
+from mxptq.plan import build_plan, matches
+
+
+def plan(path, fmt="nvfp4", dialect="compressed-tensors", **kw):
+    return build_plan(path, get_format(fmt, kw.pop("block", None)), "absmax",
+                      get_dialect(dialect), **kw)
+
+
+def test_stories_plan_keeps_down_proj_and_groups_qkv_gate_up():
+    p = plan(STORIES)
+    s = p.summary()
+    assert s["quantize"] == 5 * 6  # q, k, v, o, gate, up in 5 layers
+    kept = {it.name: it.reason for it in p.items if it.action == "keep"}
+    assert kept["model.layers.0.mlp.down_proj.weight"].startswith("input dim not a multiple")
+    assert "model.embed_tokens.weight" in kept
+    assert "lm_head" in p.ignore and "model.layers.3.mlp.down_proj" in p.ignore
+    g = p.groups["model.layers.2.self_attn.q_proj+k_proj+v_proj"]
+    assert g == [f"model.layers.2.self_attn.{x}_proj.weight" for x in "kqv"]
+    assert len(p.groups) == 10
+
+
+def test_ignore_pattern_keeps_whole_fused_set():
+    p = plan(STORIES, ignore=["*.layers.1.self_attn.k_proj"])
+    by = {it.name: it for it in p.items}
+    for x in "qkv":
+        it = by[f"model.layers.1.self_attn.{x}_proj.weight"]
+        assert it.action == "keep"
+    assert by["model.layers.1.self_attn.q_proj.weight"].reason.startswith("fused partner")
+    assert by["model.layers.1.self_attn.o_proj.weight"].action == "quantize"
+    assert "model.layers.1.self_attn.q_proj" in p.ignore
+
+
+def test_matches_wildcards_and_regex():
+    assert matches(["*.mlp.*"], "model.layers.0.mlp.up_proj")
+    assert matches(["re:layers\\.[01]\\."], "model.layers.1.mlp.up_proj")
+    assert not matches(["re:layers\\.[01]\\."], "model.layers.2.mlp.up_proj")
+
+
+def test_quantize_lm_head_only_when_asked(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    by = {it.name: it for it in plan(tmp_path).items}
+    assert by["lm_head.weight"].action == "keep"
+    by = {it.name: it for it in plan(tmp_path, quantize_lm_head=True).items}
+    assert by["lm_head.weight"].action == "quantize"
+
+
+def test_minilm_plan_groups_query_key_value():
+    p = plan(minilm_dir())
+    assert p.summary()["quantize"] == 6 * 6 + 1  # 6 Linear per layer + pooler
+    assert "encoder.layer.0.attention.self.query+key+value" in p.groups
+    assert p.ignore == []
+
+
+def test_fused_3d_experts_are_sliced_by_their_layout(tmp_path):
+    from safetensors.torch import save_file
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, vocab_size=128, num_experts=4, num_experts_per_tok=2)
+    m = Qwen3MoeForCausalLM(cfg)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()},
+              str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    by = {it.name: it for it in plan(tmp_path).items}
+    gu = by["model.layers.0.mlp.experts.gate_up_proj"]
+    assert gu.action == "quantize" and gu.layout == "out_in" and gu.split == 2
+    assert gu.modules[:2] == ["model.layers.0.mlp.experts.0.gate_proj",
+                              "model.layers.0.mlp.experts.0.up_proj"]
+    assert by["model.layers.0.mlp.experts.down_proj"].modules[3] == (
+        "model.layers.0.mlp.experts.3.down_proj")
+    assert by["model.layers.0.mlp.gate.weight"].action == "keep"  # the router
+
+
+@pytest.mark.parametrize(
+    "fmt,block,dialect",
+    [("nvfp4-ue5m3", None, "compressed-tensors"), ("nvfp4", 8, "compressed-tensors"),
+     ("mxfp4", None, "modelopt"), ("nvfp4", 32, "modelopt")],
+)
+def test_dialect_refuses_what_it_cannot_express(fmt, block, dialect):
+    with pytest.raises(MxptqError, match=f"dialect {dialect} cannot express"):
+        plan(STORIES, fmt, dialect, block=block)
+
+
+def test_nothing_quantizable_is_refused():
+    with pytest.raises(MxptqError, match="no Linear weight"):
+        plan(STORIES, "nvfp4", "native", block=128)
+
+
+def test_plan_reads_no_tensor_data(monkeypatch):
+    import mxptq.checkpoint.safetensors_io as io
+
+    def boom(*a, **k):
+        raise AssertionError("tensor data read during planning")
+
+    monkeypatch.setattr(io, "read_tensor", boom)
+    monkeypatch.setattr(torch, "load", boom)
+    assert plan(STORIES).summary()["quantize"] == 30
