@@ -1,0 +1,122 @@
+"""`PackedLinear`: an nn.Linear replacement that keeps FP4 weights packed.
+
+The module holds exactly the bytes of a QuantizedTensor (codes, block scales, global scale) as
+buffers and never stores a dense copy: on CUDA the fused Triton kernel dequantizes tiles in
+registers; elsewhere the torch path dequantizes a chunk of rows at a time for each call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats import Format, get_format
+from ..tensor import QuantizedTensor, dequantize
+
+_PACKED = ("codes", "scales", "global_scale")
+_CHUNK_WEIGHTS = 1 << 22  # torch path: rows dequantized per step, so temporaries stay small
+
+try:
+    from mxptq.kernels import gemm as _gemm
+except ImportError:  # no usable Triton: the torch path serves every device
+    _gemm = None
+
+
+class PackedLinear(nn.Module):
+    """y = x · dequant(W)ᵀ + b with W [out_features, in_features] stored as FP4 codes.
+
+    Buffers: `codes` uint8 [N, K/2], `scales` [N, K/B] (float8_e4m3fn for E4M3, else uint8
+    codes), `global_scale` fp32 0-d for formats with one, `bias` in `dtype` when asked for.
+    An empty module (zeros) can be filled by `load_state_dict` from a checkpoint.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        format: str | Format = "nvfp4",
+        block_size: int | None = None,
+        bias: bool = False,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        fmt = get_format(format, block_size)
+        if in_features % fmt.block_size:
+            raise ValueError(
+                f"in_features {in_features} is not a multiple of the block size {fmt.block_size}"
+            )
+        self.in_features, self.out_features, self.format = in_features, out_features, fmt
+        n, k, b = out_features, in_features, fmt.block_size
+        sdt = fmt.scale.torch_dtype or torch.uint8
+        self.register_buffer("codes", torch.zeros(n, k // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.zeros(n, k // b, dtype=sdt, device=device))
+        g = torch.ones((), dtype=torch.float32, device=device) if fmt.has_global else None
+        self.register_buffer("global_scale", g)
+        self.register_buffer("bias", torch.zeros(n, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_quantized(
+        cls, qt: QuantizedTensor, bias: torch.Tensor | None = None, dtype=torch.bfloat16
+    ) -> PackedLinear:
+        """Wrap a QuantizedTensor's bytes (shared, not copied); `bias` is cast to `dtype`."""
+        n, k = qt.shape
+        if qt.format.has_global != (qt.global_scale is not None):
+            raise ValueError(f"{qt.format.name}: global scale presence does not match the format")
+        mod = cls(k, n, qt.format, bias=bias is not None, dtype=dtype, device="meta")
+        mod.codes, mod.scales, mod.global_scale = qt.codes, qt.scales, qt.global_scale
+        if bias is not None:
+            mod.bias = bias.detach().to(device=qt.codes.device, dtype=dtype)
+        return mod
+
+    def quantized(self) -> QuantizedTensor:
+        """The weight as a QuantizedTensor view of this module's buffers."""
+        return QuantizedTensor(self.codes, self.scales, self.global_scale, self.format)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Let .to()/.cuda() move the packed bytes but never cast them: `model.to(bf16)` would
+        otherwise rewrite float8 scales and the fp32 global scale as bf16 values."""
+        keep = {n: getattr(self, n) for n in _PACKED if getattr(self, n) is not None}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.format.block_size
+        if x.is_cuda and _gemm is not None and _gemm.supported(self.in_features, b):
+            sc = self.format.scale
+            return _gemm.fp4_linear(
+                x,
+                self.codes,
+                self.scales.view(torch.uint8),  # the codes' bytes, whatever the storage dtype
+                self.global_scale,
+                self.bias,
+                b,
+                sc.man_bits,
+                sc.bias,
+            )
+        return self._forward_torch(x)
+
+    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize a chunk of rows (fp32, then x's dtype) and multiply; nothing is kept."""
+        qt = self.quantized()
+        rows = max(1, _CHUNK_WEIGHTS // max(self.in_features, 1))
+        outs = []
+        for r in range(0, self.out_features, rows):
+            part = QuantizedTensor(
+                qt.codes[r : r + rows], qt.scales[r : r + rows], qt.global_scale, qt.format
+            )
+            b = None if self.bias is None else self.bias[r : r + rows].to(x.dtype)
+            outs.append(F.linear(x, dequantize(part, x.dtype), b))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"format={self.format.name}, block_size={self.format.block_size}, "
+            f"bias={self.bias is not None}"
+        )
