@@ -109,3 +109,7 @@ def quantize_cmd(
         "quantize-lm-head": quantize_lm_head, "device": device,
     }
     guarded(quantize_main, cli, recipe, dry_run, overwrite, resume, as_json)
+
+
+if __name__ == "__main__":
+    app()

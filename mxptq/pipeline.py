@@ -14,7 +14,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 
 from . import __version__
 from .checkpoint.report import write_report
-from .checkpoint.safetensors_io import INDEX_NAME, read_tensor, write_index, write_shard
+from .checkpoint.safetensors_io import INDEX_NAME, ShardWriter, read_tensor, write_index
 from .errors import MxptqError
 from .plan import Item, Plan
 from .tensor import dequantize, quantize_tensor
@@ -30,7 +29,8 @@ from .tensor import dequantize, quantize_tensor
 STATE_NAME = ".mxptq-state.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 FAIL_AFTER_ENV = "MXPTQ_FAIL_AFTER_SHARD"  # testing hook: crash after this many output shards
-_PREFETCH_BUNDLES = 4
+_PREFETCH_BUNDLES = 4  # bundles read ahead of the device
+_WRITE_QUEUE = 8  # output tensors waiting for the writer
 
 
 @dataclass
@@ -197,6 +197,65 @@ def _reader(plan: Plan, shards: list[Path], q: queue.Queue, stop: threading.Even
         q.put(e)
 
 
+class _Writer(threading.Thread):
+    """Writes output tensors at their planned offsets as they arrive, one shard at a time, and
+    records each finished shard in the state file (what --resume reads)."""
+
+    def __init__(self, plan: Plan, tmp: Path, names: dict[str, str], state: dict):
+        super().__init__(daemon=True)
+        self.plan, self.tmp, self.names, self.state = plan, tmp, names, state
+        self.q: queue.Queue = queue.Queue(maxsize=_WRITE_QUEUE)
+        self.error: BaseException | None = None
+        self.specs = {}
+        for it in plan.items:
+            self.specs.setdefault(it.info.shard, {}).update(plan.output_specs(it))
+
+    def run(self) -> None:
+        w: ShardWriter | None = None
+        while True:
+            msg = self.q.get()
+            try:
+                if msg is None:
+                    if w is not None:
+                        w.abort()
+                    return
+                if self.error is not None:
+                    continue
+                if msg[0] == "open":
+                    w = ShardWriter(self.tmp / self.names[msg[1]], self.specs[msg[1]])
+                elif msg[0] == "put":
+                    w.put(msg[1], msg[2])
+                else:  # ("close", shard, stats, seconds)
+                    size = w.close()
+                    w = None
+                    self.state["done"][msg[1]] = {
+                        "file": self.names[msg[1]], "size": size, "stats": msg[2],
+                        "seconds": msg[3],
+                    }
+                    (self.tmp / STATE_NAME).write_text(json.dumps(self.state))
+            except BaseException as e:  # re-raised in the main thread by send/finish
+                self.error = e
+                if w is not None:
+                    w.abort()
+                    w = None
+            finally:
+                self.q.task_done()
+
+    def send(self, *msg) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(msg)
+
+    def flush(self) -> None:
+        self.q.join()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        self.q.put(None)
+        self.join()
+
+
 def run(
     plan: Plan,
     opts: RunOptions,
@@ -217,31 +276,22 @@ def run(
                 f"--resume: {tmp} holds a run with other flags or input; drop --resume"
             )
         state = prev
-    done = {s for s, v in state["done"].items() if (tmp / v["file"]).is_file()}
-    todo = [s for s in plan.shards if s.name not in done]
+    state["done"] = {s: v for s, v in state["done"].items() if (tmp / v["file"]).is_file()}
+    todo = [s for s in plan.shards if s.name not in state["done"]]
     fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)
 
     quant = Quantizer(plan, device)
     q: queue.Queue = queue.Queue(maxsize=_PREFETCH_BUNDLES)
     stop = threading.Event()
     reader = threading.Thread(target=_reader, args=(plan, todo, q, stop), daemon=True)
-    writer = ThreadPoolExecutor(max_workers=1)
-    pending: Future | None = None
-    lock = threading.Lock()
-
-    def finish_shard(src: str, tensors: dict, stats: list, seconds: float) -> None:
-        size = write_shard(tmp / names[src], tensors)
-        with lock:
-            state["done"][src] = {"file": names[src], "size": size, "stats": stats,
-                                  "seconds": seconds}
-            state_path.write_text(json.dumps(state))
-
+    writer = _Writer(plan, tmp, names, state)
     reader.start()
+    writer.start()
     written = 0
     try:
-        out: dict[str, torch.Tensor] = {}
         stats: list[dict] = []
         t_shard = time.perf_counter()
+        opened = False
         while True:
             b = q.get()
             if isinstance(b, BaseException):
@@ -249,48 +299,46 @@ def run(
             if b is None:
                 break
             if isinstance(b, str):
-                if pending is not None:
-                    pending.result()
-                pending = writer.submit(
-                    finish_shard, b, out, stats, time.perf_counter() - t_shard
-                )
-                out, stats, t_shard = {}, [], time.perf_counter()
+                if not opened:  # a shard with no tensors
+                    writer.send("open", b)
+                writer.send("close", b, stats, time.perf_counter() - t_shard)
+                stats, t_shard, opened = [], time.perf_counter(), False
                 written += 1
                 if fail_after and written >= fail_after:
-                    pending.result()
+                    writer.flush()
                     raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: simulated crash")
                 continue
+            if not opened:
+                writer.send("open", b.items[0].info.shard)
+                opened = True
             if b.items[0].action == "keep":
-                out[b.items[0].name] = b.tensors[0]
+                writer.send("put", b.items[0].name, b.tensors[0])
             else:
                 o, s = quant.run(b)
-                out.update(o)
+                for name, t in o.items():
+                    writer.send("put", name, t)
                 stats.extend(s)
             if on_progress:
                 on_progress(len(b.items), sum(it.info.nbytes for it in b.items))
-        if pending is not None:
-            pending.result()
+        writer.flush()
     except BaseException as e:
         stop.set()
         while reader.is_alive():
             with contextlib.suppress(queue.Empty):
                 q.get(timeout=0.1)
-        writer.shutdown(wait=True)
+        writer.stop()
         if isinstance(e, MxptqError):  # bad input: a resume would fail the same way
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        writer.shutdown(wait=True)
-
-    report = finalize(plan, opts, tmp, names, state, time.perf_counter() - t0, device)
-    return report
+    writer.stop()
+    return finalize(plan, opts, tmp, names, state, time.perf_counter() - t0, device)
 
 
 def finalize(plan, opts, tmp, names, state, seconds, device) -> dict:
     """Index, config, copied files and report; then move the folder into place."""
     weight_map = {}
     for it in plan.items:
-        for n in plan.output_names(it):
+        for n in plan.output_specs(it):
             weight_map[n] = names[it.info.shard]
     total = sum(v["size"] for v in state["done"].values())
     write_index(tmp, weight_map, total)

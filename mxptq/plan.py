@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint.dialects import Dialect
-from .checkpoint.safetensors_io import DTYPE_SIZES, TensorInfo, list_shards, read_header
+from .checkpoint.safetensors_io import TensorInfo, list_shards, read_header
 from .errors import MxptqError
 from .formats import Format
 from .skeleton import Skeleton, build_skeleton
@@ -64,17 +64,25 @@ class Plan:
             out[it.info.shard].append(it)
         return out
 
-    def output_names(self, item: Item) -> list[str]:
+    def output_specs(self, item: Item) -> dict[str, tuple[str, tuple]]:
+        """Name -> (dtype, shape) of every tensor written for this input tensor."""
         if item.action == "keep":
-            return [item.name]
-        return [n for m in item.modules for n in self.dialect.names(m, self.fmt)]
+            return {item.name: (item.info.dtype, item.info.shape)}
+        shape = item.info.shape
+        if item.layout is None:
+            n, k = shape
+        else:
+            n, k = (shape[1], shape[2]) if item.layout == "out_in" else (shape[2], shape[1])
+            n //= item.split
+        out: dict[str, tuple[str, tuple]] = {}
+        for m in item.modules:
+            out.update(self.dialect.specs(m, self.fmt, n, k))
+        return out
 
     def bytes_out(self, item: Item) -> int:
-        if item.action == "keep":
-            return item.info.nbytes
-        numel = item.info.nbytes // DTYPE_SIZES[item.info.dtype]
-        g = 4 * len(item.modules) if self.fmt.has_global else 0
-        return numel // 2 + numel // self.fmt.block_size + g
+        return sum(
+            TensorInfo(n, "", d, tuple(s)).nbytes for n, (d, s) in self.output_specs(item).items()
+        )
 
     def summary(self) -> dict:
         c = Counter(it.action for it in self.items)

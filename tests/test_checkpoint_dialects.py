@@ -121,3 +121,23 @@ def test_native_block4_quantizes_down_proj(tmp_path):
     q = read_checkpoint(out)
     assert checkpoint_format(out)[0] == "native" and len(q) == 35  # 172 = 4 * 43
     assert q["model.layers.0.mlp.down_proj"].scales.dtype == torch.float8_e4m3fn
+
+
+def test_streaming_shard_writer_gives_safetensors_bytes(tmp_path):
+    from safetensors.torch import save_file
+
+    from mxptq.checkpoint.safetensors_io import TORCH_DTYPES, ShardWriter
+
+    st = {v: k for k, v in TORCH_DTYPES.items()}
+    ts = {"b.w": torch.randn(3, 5, dtype=torch.bfloat16), "a.p": torch.arange(21).to(torch.uint8),
+          "a.s": torch.rand(7, 1).to(torch.float8_e4m3fn), "z.g": torch.rand(()),
+          "c.g": torch.rand(1), "i": torch.arange(5), "h": torch.rand(3).half(),
+          "e": torch.zeros(0, 4)}
+    save_file(ts, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    w = ShardWriter(tmp_path / "mine.safetensors",
+                    {k: (st[v.dtype], tuple(v.shape)) for k, v in ts.items()})
+    for k in reversed(list(ts)):  # arrival order does not matter
+        w.put(k, ts[k])
+    w.close()
+    assert (tmp_path / "mine.safetensors").read_bytes() == (
+        tmp_path / "ref.safetensors").read_bytes()

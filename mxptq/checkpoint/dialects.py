@@ -24,7 +24,8 @@ class Dialect:
     def check(self, fmt: Format) -> None:
         """Raise MxptqError when this dialect cannot express `fmt`."""
 
-    def names(self, module: str, fmt: Format) -> list[str]:
+    def specs(self, module: str, fmt: Format, n: int, k: int) -> dict[str, tuple[str, tuple]]:
+        """Name -> (safetensors dtype, shape) of what `tensors` writes for an [n, k] weight."""
         raise NotImplementedError
 
     def tensors(self, module: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
@@ -42,6 +43,19 @@ class Dialect:
 
     def format_from_config(self, qc: dict) -> Format:
         raise NotImplementedError
+
+
+def _packed_specs(module: str, fmt: Format, n: int, k: int) -> dict[str, tuple[str, tuple]]:
+    """weight_packed U8 [n, k/2], weight_scale F8_E4M3 or U8 [n, k/B], global F32 [1]."""
+    out = {
+        f"{module}.weight_packed": ("U8", (n, k // 2)),
+        f"{module}.weight_scale": (
+            "F8_E4M3" if fmt.scale is E4M3 else "U8", (n, k // fmt.block_size)
+        ),
+    }
+    if fmt.has_global:
+        out[f"{module}.weight_global_scale"] = ("F32", (1,))
+    return out
 
 
 def _g1(qt: QuantizedTensor) -> torch.Tensor:
@@ -63,9 +77,8 @@ class CompressedTensors(Dialect):
                 "use --dialect native"
             )
 
-    def names(self, module: str, fmt: Format) -> list[str]:
-        n = [f"{module}.weight_packed", f"{module}.weight_scale"]
-        return n + ([f"{module}.weight_global_scale"] if fmt.has_global else [])
+    def specs(self, module, fmt, n, k):
+        return _packed_specs(module, fmt, n, k)
 
     def tensors(self, module: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
         out = {f"{module}.weight_packed": qt.codes, f"{module}.weight_scale": qt.scales}
@@ -140,8 +153,12 @@ class ModelOpt(Dialect):
                 f"block {fmt.block_size} (only nvfp4 block 16); use --dialect native"
             )
 
-    def names(self, module, fmt):
-        return [f"{module}.weight", f"{module}.weight_scale", f"{module}.weight_scale_2"]
+    def specs(self, module, fmt, n, k):
+        return {
+            f"{module}.weight": ("U8", (n, k // 2)),
+            f"{module}.weight_scale": ("F8_E4M3", (n, k // fmt.block_size)),
+            f"{module}.weight_scale_2": ("F32", ()),
+        }
 
     def tensors(self, module, qt):
         return {
@@ -193,9 +210,8 @@ class Native(Dialect):
 
     name = "native"
 
-    def names(self, module, fmt):
-        n = [f"{module}.weight_packed", f"{module}.weight_scale"]
-        return n + ([f"{module}.weight_global_scale"] if fmt.has_global else [])
+    def specs(self, module, fmt, n, k):
+        return _packed_specs(module, fmt, n, k)
 
     def tensors(self, module, qt):
         return CompressedTensors().tensors(module, qt)

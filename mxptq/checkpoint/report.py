@@ -32,6 +32,18 @@ def versions(mxptq_version: str) -> dict:
     return v
 
 
+def peak_memory() -> dict:
+    """Peak host RSS of this process and peak GPU memory allocated by torch, in bytes."""
+    import resource
+
+    import torch
+
+    m = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if torch.cuda.is_available():
+        m["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return m
+
+
 def write_report(folder: Path, plan, flags, stats, state, seconds, device, version) -> dict:
     rel = sorted(s["rel_mse"] for s in stats)
     report = {
@@ -50,6 +62,7 @@ def write_report(folder: Path, plan, flags, stats, state, seconds, device, versi
             "rel_mse_max": rel[-1] if rel else 0.0,
         },
         "tensors": sorted(stats, key=lambda s: s["name"]),
+        "memory": peak_memory(),
         "timings": {
             "total_s": seconds,
             "shards": {v["file"]: v["seconds"] for v in state["done"].values()},

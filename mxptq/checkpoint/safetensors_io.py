@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import MxptqError
 
@@ -96,13 +95,76 @@ def read_tensor(f: BinaryIO, info: TensorInfo) -> torch.Tensor:
     return buf.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
 
 
-def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> int:
-    """Write one shard atomically (temporary name, then rename); returns its size."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=METADATA)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path.stat().st_size
+_ST_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+# safetensors' Rust writer orders tensors by this dtype rank, descending, then by name, which
+# keeps every tensor aligned to its element size; we use the same order and get its bytes.
+_RANK = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16",
+         "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
+
+
+def _rank(dtype: str) -> int:
+    return _RANK.index(dtype)
+
+
+class ShardWriter:
+    """Write a safetensors file whose tensors arrive one by one in any order.
+
+    The layout (safetensors' own order) and the header are fixed up
+    front from the planned names, dtypes and shapes, so each tensor is written at its offset as
+    soon as it is computed and memory never holds a whole shard. Written under a temporary
+    name and renamed by `close` once every tensor is in.
+    """
+
+    def __init__(self, path: Path, specs: dict[str, tuple[str, tuple[int, ...]]]):
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        order = sorted(specs, key=lambda n: (-_rank(specs[n][0]), n))
+        header: dict = {"__metadata__": METADATA}
+        self.slots: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        off = 0
+        for n in order:
+            dtype, shape = specs[n]
+            size = TensorInfo(n, "", dtype, tuple(shape)).nbytes
+            header[n] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + size]}
+            self.slots[n] = (dtype, tuple(shape), off, size)
+            off += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.base = 8 + len(raw)
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._pwrite(struct.pack("<Q", len(raw)) + raw, 0)
+        os.ftruncate(self.fd, self.base + off)
+        self.missing = set(order)
+
+    def _pwrite(self, data, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def put(self, name: str, t: torch.Tensor) -> None:
+        dtype, shape, off, size = self.slots[name]
+        if _ST_NAMES.get(t.dtype) != dtype or tuple(t.shape) != shape:
+            raise RuntimeError(
+                f"{name}: planned {dtype}{list(shape)}, got {t.dtype}{list(t.shape)}"
+            )
+        if size:
+            self._pwrite(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(),
+                         self.base + off)
+        self.missing.discard(name)
+
+    def close(self) -> int:
+        """Finish the file (every planned tensor must have arrived); returns its size."""
+        os.close(self.fd)
+        if self.missing:
+            raise RuntimeError(f"{self.path.name}: {len(self.missing)} tensors never written")
+        os.replace(self.tmp, self.path)
+        return self.path.stat().st_size
+
+    def abort(self) -> None:
+        os.close(self.fd)
+        self.tmp.unlink(missing_ok=True)
 
 
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
