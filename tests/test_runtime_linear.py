@@ -92,6 +92,8 @@ def test_torch_path_chunks_rows(monkeypatch):
 
 SMALL = GemmConfig(block_n=16, block_m=16, block_k=64) if fp4_linear else None
 LARGE = GemmConfig(block_n=32, block_m=32, block_k=128, num_warps=8) if fp4_linear else None
+HALVES = GemmConfig(block_n=16, block_m=16, block_k=64, halves=True) if fp4_linear else None
+VARIANTS = {"small": SMALL, "large": LARGE, "halves": HALVES}
 
 
 def _kernel(x, qt, bias, config):
@@ -111,25 +113,26 @@ def _kernel(x, qt, bias, config):
 
 @needs_triton
 @pytest.mark.parametrize(("name", "block", "codec"), FORMATS)
-@pytest.mark.parametrize("variant", ["small", "large"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_triton_kernel_matches_dequantized_dense(name, block, codec, variant):
     fmt = _fmt(name, block, codec)
-    config = SMALL if variant == "small" else LARGE
-    config = dataclasses.replace(config, block_k=max(config.block_k, block))
+    config = VARIANTS[variant]
+    step = block * (2 if config.halves else 1)
+    config = dataclasses.replace(config, block_k=max(config.block_k, step))
     k = 256
     qt = _quantized(45, k, fmt, seed=block)  # N not a multiple of BLOCK_N
-    m = 3 if variant == "small" else 37  # M not a multiple of BLOCK_M
+    m = 37 if variant == "large" else 3  # M not a multiple of BLOCK_M
     x = torch.randn(m, k)
     ref = F.linear(x.double(), dequantize(qt).double())
     assert _rel(_kernel(x, qt, None, config), ref) < 1e-5
 
 
 @needs_triton
-@pytest.mark.parametrize("variant", ["small", "large"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_triton_kernel_dtypes_bias_3d(variant, dtype, with_bias):
-    config = SMALL if variant == "small" else LARGE
+    config = VARIANTS[variant]
     qt = _quantized(33, 256, get_format("nvfp4"), seed=3)
     bias = torch.randn(33).to(dtype) if with_bias else None
     x = torch.randn(3, 7, 256).to(dtype)
@@ -168,6 +171,13 @@ def test_triton_dequant_is_exact_on_every_code(fmt, lo, hi):
     w = dequantize(qt)
     rtol = 2e-7 if fmt.has_global else 0.0
     torch.testing.assert_close(out, w.T, rtol=rtol, atol=0)
+
+
+@needs_triton
+def test_triton_rejects_bad_tile():
+    qt = _quantized(16, 64, get_format("nvfp4"))
+    with pytest.raises(ValueError, match="BLOCK_K"):
+        _kernel(torch.randn(2, 64), qt, None, GemmConfig(16, 16, 16, halves=True))
 
 
 @needs_triton

@@ -15,12 +15,17 @@ from ..formats import Format, get_format
 from ..tensor import QuantizedTensor, dequantize
 
 _PACKED = ("codes", "scales", "global_scale")
+# From this many tokens on, CUDA forwards dequantize into a transient bf16 weight and call
+# cuBLAS: measured on the H100 at M = 2048 that costs 1.2-1.3x a bf16 layer, the fused
+# large-tile kernel 1.6x (docs/runtime.md). Below it the fused kernel is faster.
+DENSE_M_MIN = 1024
 _CHUNK_WEIGHTS = 1 << 22  # torch path: rows dequantized per step, so temporaries stay small
 
 try:
+    from mxptq.kernels import dequantize as _triton_dequantize
     from mxptq.kernels import gemm as _gemm
 except ImportError:  # no usable Triton: the torch path serves every device
-    _gemm = None
+    _gemm = _triton_dequantize = None
 
 
 class PackedLinear(nn.Module):
@@ -88,6 +93,9 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.format.block_size
         if x.is_cuda and _gemm is not None and _gemm.supported(self.in_features, b):
+            if x.numel() >= DENSE_M_MIN * self.in_features:
+                w = _triton_dequantize(self.quantized(), x.dtype)  # dropped after this call
+                return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
             sc = self.format.scale
             return _gemm.fp4_linear(
                 x,
