@@ -108,11 +108,18 @@ def e2m1_round(t):
 
 @triton.jit
 def e2m1_code(v):
-    """formats.e2m1_encode: magnitude code = boundaries passed, sign bit = (v < 0)."""
-    a = tl.abs(v)
-    mag = (a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
-    mag += (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
-    mag += (a > 5.0).to(tl.int32)
+    """formats.e2m1_encode: RNE of |v| to the E2M1 grid as a code, sign bit = (v < 0).
+
+    The grid spacing is 0.5, 1, 2 below 2, below 4 and above, so the magnitude code is
+    RNE(2t), RNE(t) + 2 or RNE(t/2) + 4; RNE to an integer reads the bits of t·sc + 2^23.
+    """
+    t = tl.abs(v)
+    big = t >= 4.0
+    mid = t >= 2.0
+    sc = tl.where(big, 0.5, tl.where(mid, 1.0, 2.0))
+    off = tl.where(big, 4, tl.where(mid, 2, 0))
+    n = ((t * sc + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000) + off
+    mag = tl.where(t > 0.25, tl.minimum(n, 7), 0)  # NaN (0·inf) compares false: code 0
     return mag | tl.where(v < 0.0, 8, 0)
 
 
@@ -133,18 +140,27 @@ def _halve(v):
 
 
 @triton.jit
+def _col(v, i: tl.constexpr):
+    # Column i alone: the other terms are exact zeros, so the order of tl.sum does not matter.
+    return tl.sum(tl.where(tl.arange(0, v.shape[1])[None, :] == i, v, 0.0), axis=1)
+
+
+@triton.jit
 def tree_sum(v, B: tl.constexpr):
-    """scales.tree_sum of each row of v [R, B]: neighbours first, level by level."""
-    if B >= 128:
-        v = _halve(v)
-    if B >= 64:
-        v = _halve(v)
-    if B >= 32:
-        v = _halve(v)
-    if B >= 16:
-        v = _halve(v)
-    if B >= 8:
-        v = _halve(v)
-    v = _halve(v)
-    v = _halve(v)
-    return tl.reshape(v, (v.shape[0],))
+    """scales.tree_sum of each row of v [R, B]: neighbours first, level by level. Blocks of 4
+    and 8 add extracted columns (reshape/split there trips Triton 3.6's layout pass)."""
+    if B == 4:
+        out = (_col(v, 0) + _col(v, 1)) + (_col(v, 2) + _col(v, 3))
+    elif B == 8:
+        lo = (_col(v, 0) + _col(v, 1)) + (_col(v, 2) + _col(v, 3))
+        out = lo + ((_col(v, 4) + _col(v, 5)) + (_col(v, 6) + _col(v, 7)))
+    else:
+        if B >= 128:
+            v = _halve(v)
+        if B >= 64:
+            v = _halve(v)
+        if B >= 32:
+            v = _halve(v)
+        v = _halve(_halve(_halve(_halve(v))))
+        out = tl.reshape(v, (v.shape[0],))
+    return out

@@ -28,9 +28,9 @@ from .numerics import (
 
 # (weights per program, warps) per selector: memory-bound selectors take larger tiles.
 DEFAULT_CONFIG = {
-    "absmax": (4096, 8),
+    "absmax": (4096, 4),
     "4over6": (2048, 4),
-    "search": (1024, 4),
+    "search": (2048, 4),
     "exhaustive": (1024, 4),
 }
 
@@ -53,7 +53,7 @@ def _err(a, ay, hh, yyh, s, inv_g, B: tl.constexpr, HAS_H: tl.constexpr, BOUND: 
         c = tl.maximum(ay - (6.0 * s)[:, None], 0.0)
         lb = tree_sum((c * c) * hh, B)
     else:
-        lb = err * 0.0
+        lb = tl.zeros_like(err)  # errors are >= 0 (or NaN, which never wins)
     return err, lb
 
 
@@ -122,10 +122,10 @@ def _quantize_kernel(
             e6, _ = _err(a, ay, hh, ay, scale_value(c, MAN, BIAS), inv_g, B, HAS_H, 0)
             e4, _ = _err(a, ay, hh, ay, scale_value(c4, MAN, BIAS), inv_g, B, HAS_H, 0)
             c = tl.where(e4 < e6, c4, c)
+        elif SEL == 2:
+            c = _window(a, ay, hh, c, inv_g, B, WLO, WHI, MAN, BIAS, MAX_CODE, HAS_H)
         else:
-            c = _search(
-                a, ay, hh, bmax * g, c, inv_g, bmask, B, SEL, WLO, WHI, MAN, BIAS, MAX_CODE, HAS_H
-            )
+            c = _exhaustive(a, ay, hh, bmax * g, c, inv_g, bmask, B, MAN, BIAS, MAX_CODE, HAS_H)
 
     v = x * reciprocal(scale_value(c, MAN, BIAS) * inv_g)[:, None]
     lo, hi = tl.split(tl.reshape(e2m1_code(v), (NB, B // 2, 2)))
@@ -136,7 +136,61 @@ def _quantize_kernel(
 
 
 @triton.jit
-def _search(
+def _try(
+    a,
+    ay,
+    hh,
+    c,
+    inv_g,
+    best_c,
+    best_e,
+    B: tl.constexpr,
+    MAN: tl.constexpr,
+    BIAS: tl.constexpr,
+    MAX_CODE: tl.constexpr,
+    HAS_H: tl.constexpr,
+):
+    """One candidate code per block: replaces the best where valid and strictly better."""
+    MIN_CODE: tl.constexpr = 1 if MAN > 0 else 0
+    s = scale_value(tl.minimum(tl.maximum(c, 0), MAX_CODE), MAN, BIAS)
+    e, _ = _err(a, ay, hh, ay, s, inv_g, B, HAS_H, 0)
+    better = (c >= MIN_CODE) & (c <= MAX_CODE) & (e < best_e)
+    return tl.where(better, c, best_c), tl.where(better, e, best_e)
+
+
+@triton.jit
+def _window(
+    a,
+    ay,
+    hh,
+    c0,
+    inv_g,
+    B: tl.constexpr,
+    WLO: tl.constexpr,
+    WHI: tl.constexpr,
+    MAN: tl.constexpr,
+    BIAS: tl.constexpr,
+    MAX_CODE: tl.constexpr,
+    HAS_H: tl.constexpr,
+):
+    """search: the window is a compile-time constant, so the loop over offsets (-k, then +k)
+    is unrolled and runs without branches or tile-wide reductions."""
+    best_c = c0
+    best_e, _ = _err(a, ay, hh, ay, scale_value(c0, MAN, BIAS), inv_g, B, HAS_H, 0)
+    for k in tl.static_range(1, max(-WLO, WHI) + 1):
+        if k <= -WLO:
+            best_c, best_e = _try(
+                a, ay, hh, c0 - k, inv_g, best_c, best_e, B, MAN, BIAS, MAX_CODE, HAS_H
+            )
+        if k <= WHI:
+            best_c, best_e = _try(
+                a, ay, hh, c0 + k, inv_g, best_c, best_e, B, MAN, BIAS, MAX_CODE, HAS_H
+            )
+    return best_c
+
+
+@triton.jit
+def _exhaustive(
     a,
     ay,
     hh,
@@ -145,25 +199,19 @@ def _search(
     inv_g,
     bmask,
     B: tl.constexpr,
-    SEL: tl.constexpr,
-    WLO: tl.constexpr,
-    WHI: tl.constexpr,
     MAN: tl.constexpr,
     BIAS: tl.constexpr,
     MAX_CODE: tl.constexpr,
     HAS_H: tl.constexpr,
 ):
-    """select_codes for search (SEL 2) and exhaustive (SEL 3): offsets -k then +k for
-    k = 1, 2, ..., each replacing the best only when strictly better; a side of a block stops
-    once a lower bound proves that none of its remaining candidates can be strictly better."""
+    """exhaustive: offsets -k then +k for k = 1, 2, ..., each replacing the best only when
+    strictly better; a side of a block stops once a lower bound proves that none of its
+    remaining candidates can be strictly better (docs/kernels.md has the proof)."""
     MIN_CODE: tl.constexpr = 1 if MAN > 0 else 0
     best_c = c0
     best_e, _ = _err(a, ay, hh, ay, scale_value(c0, MAN, BIAS), inv_g, B, HAS_H, 0)
     kneg = c0 - MIN_CODE
     kpos = MAX_CODE - c0
-    if SEL == 2:
-        kneg = tl.minimum(kneg, -WLO)
-        kpos = tl.minimum(kpos, WHI)
     yy = ay * ay
     if HAS_H:
         yyh = yy * hh
@@ -174,7 +222,8 @@ def _search(
     neg_done = (kneg < 1) | ~bmask
     pos_done = (kpos < 1) | ~bmask
     k = 1
-    while tl.max((~(neg_done & pos_done)).to(tl.int32), axis=0) > 0:
+    more = tl.max((~(neg_done & pos_done)).to(tl.int32), axis=0)
+    while more > 0:
         # Smaller scale c0 - k: the max element clips to 6s, so its leaf is >= (ymax - 6s)²h.
         cn = c0 - k
         sn = scale_value(tl.maximum(cn, 0), MAN, BIAS)
@@ -197,6 +246,7 @@ def _search(
             best_e = tl.where(better, e, best_e)
             pos_done = pos_done | (lb >= best_e)
         k += 1
+        more = tl.max((~(neg_done & pos_done)).to(tl.int32), axis=0)
     return best_c
 
 

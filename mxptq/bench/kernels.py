@@ -1,0 +1,175 @@
+"""Benchmark of the Triton quantizer on a GPU: `python -m mxptq.bench.kernels`.
+
+For each shape and selector: median time (triton.testing.do_bench), G weights/s, the ratio to
+the weight rate of a device-to-device copy of the same bf16 bytes, and a byte-for-byte check
+against the torch reference run on the same GPU tensor. Before timing, a small matrix of edge
+cases (every format x selector x block size, tiny and huge magnitudes, importance weights) is
+checked on the GPU too. Writes a markdown table to $OUT/kernels_bench.md when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+
+import torch
+import triton
+import triton.testing
+
+from mxptq.formats import get_format
+from mxptq.scales import SELECTORS, resolve_selector
+from mxptq.tensor import quantize_tensor
+
+from ..kernels import quantize, tensor_amax
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (28672, 8192)]
+TARGETS = {"absmax": 500, "4over6": 250, "search": 150, "exhaustive": 50}
+
+
+def heavy_tailed(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Gaussian times a log-normal scale: heavy tails and a wide range of block maxima."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    z = torch.randn(n, k, device="cuda", generator=gen)
+    return (z * torch.randn(n, k, device="cuda", generator=gen).exp()).to(torch.bfloat16)
+
+
+def same_bytes(a, b) -> bool:
+    ok = torch.equal(a.codes, b.codes) and torch.equal(a.scale_codes(), b.scale_codes())
+    if a.global_scale is not None:
+        ok = ok and torch.equal(a.global_scale.view(torch.int32), b.global_scale.view(torch.int32))
+    return ok
+
+
+def check_edge_cases() -> int:
+    """Triton vs torch on the GPU over formats, selectors, block sizes and magnitudes."""
+    bad = 0
+    fmts = [
+        ("nvfp4", {}),
+        ("nvfp4-ue5m3", {"has_global": True}),
+        ("mxfp4", {}),
+        ("mxfp4", {"mx_rule": "ceil"}),
+        ("nvfp4", {"scale": "ue5m3-ieee"}),
+    ]
+    h = torch.rand(256, device="cuda")
+    cases = itertools.product(fmts, SELECTORS, (None, 4, 128), (1e-38, 1e-12, 1.0, 1e30))
+    for i, ((name, over), sel, b, mag) in enumerate(cases):
+        if sel == "4over6" and name == "mxfp4":
+            continue
+        fmt = get_format(name, b, **over)
+        w = heavy_tailed(37, 256, seed=i) * mag
+        w[3] = 0
+        for imp, floor in ((None, True), (h, False)) if mag == 1.0 else ((None, i % 2 == 0),):
+            kw = dict(importance=imp, underflow_floor=floor)
+            ref = quantize_tensor(w, fmt, sel, backend="torch", **kw)
+            out = quantize_tensor(w, fmt, sel, backend="triton", **kw)
+            if not same_bytes(ref, out):
+                bad += 1
+                print(f"MISMATCH {name} {over} {sel} B={b} mag={mag} h={imp is not None}")
+    return bad
+
+
+def bench_shape(n: int, k: int, selectors, fmt, config=None, check=True) -> list[dict]:
+    w = heavy_tailed(n, k)
+    dst = torch.empty_like(w)
+    t_copy = triton.testing.do_bench(lambda: dst.copy_(w), return_mode="median")
+    copy_rate = n * k / t_copy / 1e6
+    rows = []
+    for sel in selectors:
+        cfg = resolve_selector(fmt, sel)
+        out = quantize(w, fmt, cfg, None, None, config)
+        ok = same_bytes(quantize_tensor(w, fmt, sel, backend="torch"), out) if check else None
+        t = triton.testing.do_bench(
+            lambda cfg=cfg: quantize(w, fmt, cfg, None, None, config), return_mode="median"
+        )
+        rate = n * k / t / 1e6
+        rows.append(
+            dict(
+                shape=f"{n}x{k}",
+                sel=sel,
+                ms=t,
+                rate=rate,
+                copy=copy_rate,
+                ratio=rate / copy_rate,
+                ok=ok,
+            )
+        )
+        print(
+            f"{n}x{k} {sel:10s} {t * 1e3:9.1f} us {rate:8.1f} G/s copy {copy_rate:7.1f} G/s "
+            f"ratio {rate / copy_rate:.3f} bytes_equal={ok}",
+            flush=True,
+        )
+    return rows
+
+
+def bench(shapes, selectors, fmt_name: str, config=None) -> list[dict]:
+    fmt = get_format(fmt_name)
+    rows = []
+    for n, k in shapes:
+        rows += bench_shape(n, k, selectors, fmt, config)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def breakdown(fmt_name: str) -> None:
+    """Where absmax time goes: the amax pass alone, and the quantizer given the amax."""
+    fmt = get_format(fmt_name)
+    cfg = resolve_selector(fmt, "absmax")
+    for n, k in SHAPES:
+        w = heavy_tailed(n, k)
+        amax = tensor_amax(w)
+        t_amax = triton.testing.do_bench(lambda w=w: tensor_amax(w), return_mode="median")
+        t_q = triton.testing.do_bench(
+            lambda w=w, amax=amax: quantize(w, fmt, cfg, None, amax), return_mode="median"
+        )
+        print(
+            f"{n}x{k} absmax parts: amax {t_amax * 1e3:.1f} us, quantize given amax "
+            f"{t_q * 1e3:.1f} us",
+            flush=True,
+        )
+
+
+def table(rows: list[dict], fmt_name: str) -> str:
+    head = (
+        f"| shape | selector ({fmt_name}) | median us | G weights/s | copy G weights/s "
+        "| ratio to copy | target G/s | bytes equal |\n|---|---|---|---|---|---|---|---|\n"
+    )
+    body = "".join(
+        f"| {r['shape']} | {r['sel']} | {r['ms'] * 1e3:.1f} | {r['rate']:.1f} | {r['copy']:.1f} "
+        f"| {r['ratio']:.3f} | {TARGETS[r['sel']]} | {'yes' if r['ok'] else 'NO'} |\n"
+        for r in rows
+    )
+    return head + body
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--format", default="nvfp4")
+    ap.add_argument("--selectors", default=",".join(SELECTORS))
+    ap.add_argument("--sweep", action="store_true", help="time (tile, warps) configs first")
+    ap.add_argument("--no-edge", action="store_true", help="skip the edge-case check")
+    args = ap.parse_args()
+    sels = args.selectors.split(",")
+    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
+    if not args.no_edge:
+        print(f"edge-case mismatches: {check_edge_cases()}", flush=True)
+    if args.sweep:  # tuning only: time (weights per program, warps) configs, then stop
+        fmt = get_format(args.format)
+        for sel, tile, warps in itertools.product(sels, (512, 1024, 2048, 4096), (4, 8)):
+            r = bench_shape(14336, 4096, [sel], fmt, (tile, warps), check=False)[0]
+            print(f"SWEEP {sel} tile={tile} warps={warps}: {r['rate']:.1f} G/s", flush=True)
+        return
+    breakdown(args.format)
+    rows = bench(SHAPES, sels, args.format)
+    md = table(rows, args.format)
+    print(md)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], f"kernels_bench_{args.format}.md"), "w") as f:
+            f.write(
+                f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+                f"triton {triton.__version__}\n\n{md}"
+            )
+
+
+if __name__ == "__main__":
+    main()
