@@ -1,0 +1,31 @@
+"""Calibration: text in, per-Linear statistics out, and the algorithms that use them
+(importance-weighted scale selection, GPTQ, W4A4 activation scales)."""
+
+from .activations import (
+    ActivationScale,
+    activation_scales,
+    attach_activation_fake_quant,
+    fake_quantize_activation,
+)
+from .apply import CalibOptions, quantize_layer, quantize_linear
+from .data import load_calibration, load_text
+from .gptq import GPTQResult, gptq_quantize
+from .runner import LayerRun, calibrate
+from .stats import LinearStats
+
+__all__ = [
+    "ActivationScale",
+    "CalibOptions",
+    "GPTQResult",
+    "LayerRun",
+    "LinearStats",
+    "activation_scales",
+    "attach_activation_fake_quant",
+    "calibrate",
+    "fake_quantize_activation",
+    "gptq_quantize",
+    "load_calibration",
+    "load_text",
+    "quantize_layer",
+    "quantize_linear",
+]

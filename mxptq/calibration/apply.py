@@ -1,0 +1,95 @@
+"""Quantize one calibrated decoder layer: the `on_layer` callback of `calibrate`.
+
+Each Linear whose input width the block size divides is quantized by RTN (optionally
+importance-weighted) or GPTQ, fused partners (q/k/v, gate/up, ...) sharing the amax behind one
+global scale; its weight is replaced in place by the dequantized result, so the next layer is
+calibrated on what the quantized model computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..formats import get_format
+from ..tensor import QuantizedTensor, dequantize, quantize_tensor, tensor_amax
+from .gptq import gptq_quantize
+from .runner import LayerRun
+
+ALGOS = ("rtn", "gptq")
+# Projections serving stacks fuse into one GEMM; same list as the quantize plan's FUSED_SETS.
+FUSED_SETS = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+    ("w1", "w3"),
+    ("q_a_proj", "kv_a_proj_with_mqa"),
+    ("query", "key", "value"),
+)
+
+
+@dataclass(frozen=True)
+class CalibOptions:
+    """The calibration-side flags of `mxptq quantize` (docs/calibration.md)."""
+
+    format: str = "nvfp4"
+    scale: str = "search"
+    block_size: int | None = None
+    importance: bool = False  # weight the selector's error by E[x²] per input channel
+    algo: str = "rtn"
+    gptq_scales: str = "lazy"
+    damp: float = 0.01
+    act_order: bool = False
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGOS:
+            raise ValueError(f"unknown --algo {self.algo!r} (one of {', '.join(ALGOS)})")
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.algo == "gptq"
+
+
+def fused_partners(name: str, names: list[str]) -> list[str]:
+    """The members of `names` in the same fused set as `name` (itself included)."""
+    parent, _, leaf = name.rpartition(".")
+    for members in FUSED_SETS:
+        if leaf in members:
+            return [n for n in (f"{parent}.{m}" for m in members) if n in names]
+    return [name]
+
+
+def quantize_linear(
+    w: torch.Tensor, stats, opts: CalibOptions, global_amax: torch.Tensor | None = None
+) -> QuantizedTensor:
+    """One weight by the chosen algorithm, with the calibration statistics of its input."""
+    imp = stats.second_moment() if opts.importance else None
+    if opts.algo == "gptq":
+        return gptq_quantize(
+            w, stats.hessian().to(w.device), opts.format, opts.scale, opts.block_size,
+            scales=opts.gptq_scales,
+            percdamp=opts.damp, act_order=opts.act_order, importance=imp,
+            global_amax=global_amax,
+        ).qt
+    return quantize_tensor(w, opts.format, opts.scale, opts.block_size, imp,
+                           global_amax=global_amax)
+
+
+def quantize_layer(run: LayerRun, opts: CalibOptions) -> dict[str, QuantizedTensor]:
+    """Quantize the dense Linears of one layer in place; returns their QuantizedTensors (by
+    full module name). Linears whose input width the block does not divide stay dense."""
+    block = get_format(opts.format, opts.block_size).block_size
+    linears = {
+        f"{run.prefix}.{n}": m for n, m in run.layer.named_modules()
+        if isinstance(m, nn.Linear) and m.in_features % block == 0
+    }
+    names = list(linears)
+    own = {n: tensor_amax(m.weight.detach()) for n, m in linears.items()}  # before any change
+    out: dict[str, QuantizedTensor] = {}
+    for name, mod in linears.items():
+        amax = max(own[p] for p in fused_partners(name, names))
+        qt = quantize_linear(mod.weight.detach(), run.stats[name], opts, amax)
+        out[name] = qt
+        mod.weight.data = dequantize(qt).to(mod.weight.dtype)
+    return out

@@ -1,0 +1,190 @@
+"""Run calibration tokens through a causal LM one decoder layer at a time.
+
+Only the current layer's weights sit on the device. The model is either built on the meta
+device and filled layer by layer from its safetensors shards, or (when checkpoint names need
+transformers' load-time conversions, e.g. fused MoE experts) loaded on CPU and moved to the
+device one layer at a time. Each layer's inputs (hidden states and the keyword arguments the
+model passes it: masks, position ids, rotary embeddings) are captured by swapping every layer's
+forward for a recorder during one pass of the whole model, so per-layer arguments (sliding
+window masks, per-layer rotary tables) are exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .hooks import attach_stat_hooks
+from .stats import LinearStats
+from .weights import WeightStore, open_model
+
+
+@dataclass
+class LayerRun:
+    """What a per-layer callback sees: the layer (weights on the device) and its statistics,
+    keyed by full module name (experts as `...experts.{e}.{gate,up,down}_proj`)."""
+
+    index: int
+    prefix: str
+    layer: nn.Module
+    stats: dict[str, LinearStats]
+
+
+@dataclass
+class CalibrationResult:
+    """Statistics of every quantizable Linear, and those that saw no token (unrouted experts)."""
+
+    stats: dict[str, LinearStats] = field(default_factory=dict)
+    empty: list[str] = field(default_factory=list)
+    lazy: bool = True  # weights came from the shards one layer at a time
+
+
+class _Stop(Exception):
+    """Raised by the last layer's recorder: nothing after the decoder layers needs to run."""
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder layers: the one whose length is num_hidden_layers."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n and name.endswith("layers"):
+            return name, mod
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def _to(obj, device: torch.device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(_to(o, device) for o in obj)
+    return obj
+
+
+class _Dedup:
+    """Keep one copy of equal keyword tensors across batches (masks, rotary tables)."""
+
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor] = []
+
+    def __call__(self, obj):
+        if isinstance(obj, tuple | list):
+            return type(obj)(self(o) for o in obj)
+        if not isinstance(obj, torch.Tensor):
+            return obj
+        for t in self.seen:
+            if t.shape == obj.shape and t.dtype == obj.dtype and torch.equal(t, obj):
+                return t
+        self.seen.append(obj)
+        return obj
+
+
+def _capture_inputs(
+    model, layers, store: WeightStore, ids: torch.Tensor, batch: int, hidden_device
+) -> tuple[torch.Tensor, list[list[dict]]]:
+    """Layer-0 hidden states [n, L, H] and kwargs[layer][batch] from recorder passes."""
+    hidden: list[torch.Tensor] = []
+    kwargs: list[list[dict]] = [[] for _ in layers]
+    dedup = _Dedup()
+    last = len(layers) - 1
+
+    def recorder(i: int):
+        def forward(*args, **kw):
+            hs = args[0] if args else kw.pop("hidden_states")
+            kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value")}
+            kwargs[i].append({k: dedup(v) for k, v in kw.items()})
+            if i == 0:
+                hidden.append(hs.to(hidden_device))
+            if i == last:
+                raise _Stop
+            return hs
+
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
+    handles = store.load_on_call(model, skip=layers)
+    try:
+        with torch.no_grad():
+            for b in range(0, ids.shape[0], batch):
+                with contextlib.suppress(_Stop):
+                    model(input_ids=ids[b : b + batch].to(store.device), use_cache=False)
+    finally:
+        for layer in layers:
+            del layer.forward
+        for h in handles:
+            h.remove()
+        store.release_non_layers(model, skip=layers)
+    return torch.cat(hidden), kwargs
+
+
+def _run_layer(layer, hidden, kwargs, batch: int, device, out: torch.Tensor | None):
+    """Forward every batch through one layer; writes outputs into `out` when given."""
+    with torch.no_grad():
+        for j, b in enumerate(range(0, hidden.shape[0], batch)):
+            y = layer(hidden[b : b + batch].to(device), **_to(kwargs[j], device))
+            if out is not None:
+                out[b : b + batch] = (y[0] if isinstance(y, tuple) else y).to(out.device)
+
+
+def _fits_on_device(device: torch.device, nbytes: int) -> bool:
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return 2 * nbytes < free // 2  # inputs and outputs, with room left for the layer
+
+
+def calibrate(
+    model: str | Path | nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    hessian: bool = False,
+    on_layer: Callable[[LayerRun], None] | None = None,
+    sequential: bool = True,
+    batch_size: int = 8,
+    keep_stats: bool = True,
+) -> CalibrationResult:
+    """Collect per-Linear input statistics, one decoder layer at a time.
+
+    `model` is a checkpoint folder (loaded lazily) or a model already in memory (its layers
+    visit the device one at a time and return to where they were). `on_layer` is called after
+    each layer's statistics are complete and may change the layer's weights in place (e.g.
+    replace them by their dequantized FP4 values); with `sequential`, the next layer then sees
+    the outputs of the changed layer. `keep_stats=False` drops each layer's statistics after
+    the callback (Hessians of a large model do not fit in memory all at once).
+    """
+    device = torch.device(device)
+    model, store = open_model(model, device, dtype)
+    prefix, layers = decoder_layers(model)
+    n, seqlen = input_ids.shape
+    hidden_size = model.config.hidden_size
+    nbytes = n * seqlen * hidden_size * torch.finfo(dtype).bits // 8
+    hidden_device = device if _fits_on_device(device, nbytes) else torch.device("cpu")
+    hidden, kwargs = _capture_inputs(model, layers, store, input_ids, batch_size, hidden_device)
+    result = CalibrationResult(lazy=store.lazy)
+    for i, layer in enumerate(layers):
+        name = f"{prefix}.{i}"
+        store.load(name, layer)
+        stats, handles = attach_stat_hooks(layer, name, hessian)
+        out = torch.empty_like(hidden)
+        try:
+            _run_layer(layer, hidden, kwargs[i], batch_size, device, out)
+        finally:
+            for h in handles:
+                h.remove()
+        result.empty += [k for k, s in stats.items() if s.tokens == 0]
+        if on_layer is not None:
+            on_layer(LayerRun(i, name, layer, stats))
+            if sequential:
+                _run_layer(layer, hidden, kwargs[i], batch_size, device, out)
+        if keep_stats:
+            result.stats.update({k: s.to("cpu") for k, s in stats.items()})
+        store.release(name, layer)
+        hidden = out
+    return result

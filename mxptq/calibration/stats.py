@@ -1,0 +1,62 @@
+"""Per-Linear input statistics: E[x²] per input channel, input amax and the GPTQ Hessian."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LinearStats:
+    """Running sums over the tokens a Linear saw. Sums are fp64 (E[x²]) and fp32 (Hessian), so
+    that adding batches in any order gives the same statistics up to float tolerance."""
+
+    in_features: int
+    with_hessian: bool = False
+    tokens: int = 0
+    sq_sum: torch.Tensor | None = None  # fp64 [K]: Σ x_k²
+    amax: float = 0.0
+    xtx: torch.Tensor | None = field(default=None, repr=False)  # fp32 [K, K]: Σ x xᵀ
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate a batch of inputs [..., K]."""
+        x = x.detach().reshape(-1, self.in_features)
+        if x.shape[0] == 0:
+            return
+        xd = x.double()
+        sq = (xd * xd).sum(0)
+        self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq.to(self.sq_sum.device)
+        self.amax = max(self.amax, float(x.abs().max()))
+        if self.with_hessian:
+            xf = x.float()
+            xtx = xf.T @ xf
+            self.xtx = xtx if self.xtx is None else self.xtx + xtx.to(self.xtx.device)
+        self.tokens += x.shape[0]
+
+    def second_moment(self) -> torch.Tensor:
+        """E[x_k²] (fp32 [K]): the per-channel importance for weighted scale selection."""
+        if self.sq_sum is None:
+            return torch.zeros(self.in_features)
+        return (self.sq_sum / self.tokens).float()
+
+    def hessian(self) -> torch.Tensor:
+        """H = 2/n Σ x xᵀ (fp32 [K, K]), the GPTQ layer-wise Hessian."""
+        if not self.with_hessian:
+            raise ValueError("statistics were collected without the Hessian")
+        if self.xtx is None:
+            return torch.zeros(self.in_features, self.in_features)
+        return self.xtx * (2.0 / self.tokens)
+
+    def to(self, device: torch.device | str) -> LinearStats:
+        """Move the sums (e.g. off the accelerator once a layer is done)."""
+        for name in ("sq_sum", "xtx"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(device))
+        return self
+
+
+def merge_amax(stats: list[LinearStats]) -> float:
+    """The largest input amax of a fused set (they share one activation global scale)."""
+    return max((s.amax for s in stats), default=0.0)

@@ -1,0 +1,117 @@
+"""`mxptq eval`: perplexity of an original and (optionally) a quantized checkpoint on the same
+text, and the KL divergence of the quantized model's next-token distributions from the
+original's. Register with `app.command("eval")(eval_command)`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import MxptqError
+from .evaluate import MODES, reference_logprobs, score, sequences
+from .scales import SELECTORS
+
+console = Console(stderr=True)
+
+
+def load_causal_lm(path: str, what: str):
+    """A causal LM in float32 on CPU, in eval mode; one clear line if transformers cannot load
+    it. compressed-tensors checkpoints decompress to bf16 on CPU (formats.md §13): cast back."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise MxptqError(
+            f"{what} {path!r} could not be loaded by transformers' AutoModelForCausalLM "
+            f"({type(e).__name__}: {first})"
+        ) from None
+    return model.float().eval()
+
+
+def run_eval(
+    model: str, quantized: str | None, data: str, mode: str, ctx: int,
+    emulate_attention: str | None, scale: str, max_sequences: int | None,
+) -> dict:
+    """The numbers `mxptq eval` prints, as a dict."""
+    from transformers import AutoTokenizer
+
+    if mode not in MODES:
+        raise MxptqError(f"unknown --mode {mode!r} (one of {', '.join(MODES)})")
+    if scale not in SELECTORS:
+        raise MxptqError(f"unknown --scale {scale!r} (one of {', '.join(SELECTORS)})")
+    tok = AutoTokenizer.from_pretrained(model)
+    ref = load_causal_lm(model, "--model")
+    runs = {"original": ref}
+    if quantized:
+        runs["quantized"] = load_causal_lm(quantized, "--quantized")
+    if emulate_attention:
+        from .calibration.attention import use_emulated_attention
+
+        for m in runs.values():
+            try:
+                use_emulated_attention(m, emulate_attention, scale)
+            except ValueError as e:
+                raise MxptqError(f"--emulate-attention: {e}") from None
+    seqs = sequences(tok, data, mode, ctx, max_sequences)
+    ref_lp = reference_logprobs(ref, seqs) if quantized else None
+    rows = {"original": {"perplexity": score(ref, seqs)[0].as_dict()}}
+    if quantized:
+        ppl, kl = score(runs["quantized"], seqs, ref_lp)
+        rows["quantized"] = {"perplexity": ppl.as_dict(), "kl": kl.as_dict()}
+    return {
+        "model": model, "quantized": quantized, "data": data, "mode": mode, "ctx": ctx,
+        "emulate_attention": emulate_attention, "scale": scale if emulate_attention else None,
+        "results": rows,
+    }
+
+
+def _table(out: dict) -> Table:
+    t = Table(title=f"{out['data']} ({out['mode']}, ctx {out['ctx']})")
+    for col in ("model", "perplexity", "mean NLL", "KL vs original", "tokens"):
+        t.add_column(col, justify="right" if col != "model" else "left")
+    for name, r in out["results"].items():
+        p = r["perplexity"]
+        kl = f"{r['kl']['value']:.5f}" if "kl" in r else "-"
+        t.add_row(name, f"{p['value']:.4f}", f"{p['mean']:.4f}", kl, f"{p['tokens']:,}")
+    return t
+
+
+def eval_command(
+    model: str = typer.Option(..., "--model", help="Original checkpoint (local folder)."),
+    quantized: str = typer.Option(
+        None, "--quantized", help="Quantized checkpoint folder, loaded with transformers' "
+        "AutoModelForCausalLM (cast to float32). (default: evaluate --model only)"),
+    data: str = typer.Option(
+        ..., "--data", help="Text file (.txt/.jsonl/.parquet) or a datasets name when online "
+        "(e.g. wikitext-2-raw-v1)."),
+    mode: str = typer.Option(
+        "docs", "--mode", help="docs: one sequence per <|endoftext|>-separated document; "
+        "stream: consecutive chunks of ctx-1 tokens. BOS is prepended in both."),
+    ctx: int = typer.Option(512, "--ctx", help="Sequence length including BOS."),
+    max_sequences: int = typer.Option(
+        None, "--max-seqs", help="Score only the first N sequences. (default: all)"),
+    emulate_attention: str = typer.Option(
+        None, "--emulate-attention", help="Fake-quantize Q, K, V and the attention "
+        "probabilities in this format (nvfp4) in both models: emulation only."),
+    scale: str = typer.Option(
+        "search", "--scale", help="Block-scale selector for --emulate-attention."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+) -> None:
+    """Perplexity and KL divergence of an original vs a quantized checkpoint."""
+    try:
+        out = run_eval(model, quantized, data, mode, ctx, emulate_attention, scale,
+                       max_sequences)
+    except MxptqError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    if as_json:
+        sys.stdout.write(json.dumps(out, indent=2) + "\n")
+    else:
+        Console().print(_table(out))
