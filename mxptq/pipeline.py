@@ -14,6 +14,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 FAIL_AFTER_ENV = "MXPTQ_FAIL_AFTER_SHARD"  # testing hook: crash after this many output shards
 _PREFETCH_BUNDLES = 4  # bundles read ahead of the device
 _WRITE_QUEUE = 8  # output tensors waiting for the writer
+_READ_THREADS = 4
 
 
 @dataclass
@@ -48,8 +50,12 @@ class _Bundle:
     amax of partners that live in other shards."""
 
     items: list[Item]
-    tensors: list[torch.Tensor]
+    futures: list[Future]  # the tensors, being read
     partner_amax: float | None = None
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [f.result() for f in self.futures]
 
 
 def partial_dir(out: Path) -> Path:
@@ -130,7 +136,7 @@ class Quantizer:
         return qt.to("cpu"), err, den
 
     def run(self, b: _Bundle) -> tuple[dict[str, torch.Tensor], list[dict]]:
-        dev = [t.to(self.device) for t in b.tensors]
+        dev = [t.to(self.device, non_blocking=True) for t in b.tensors]
         amax = None
         if len(b.items) > 1 or b.partner_amax is not None:
             amax = torch.stack([t.abs().amax().float() for t in dev]).amax()
@@ -165,36 +171,49 @@ class Quantizer:
         return out, stats
 
 
-def _reader(plan: Plan, shards: list[Path], q: queue.Queue, stop: threading.Event) -> None:
-    """Produce bundles shard by shard; partners in other shards contribute only their amax."""
+def _reader(plan: Plan, shards: list[Path], q: queue.Queue, stop: threading.Event,
+            pin: bool) -> None:
+    """Produce bundles shard by shard, in plan order, their tensors read by a small thread pool
+    (the bounded queue limits what is in flight); partners in other shards contribute only
+    their amax."""
     by_shard = plan.by_shard()
     where = {it.name: it for it in plan.items}
+    pool = ThreadPoolExecutor(max_workers=_READ_THREADS, thread_name_prefix="mxptq-read")
+    fds: list[int] = []
     try:
         for shard in shards:
-            with open(shard, "rb") as f:
-                done: set[str] = set()
-                for it in by_shard.get(shard.name, []):
-                    if stop.is_set():
-                        return
-                    if it.name in done:
-                        continue
-                    if it.action == "keep" or not it.group:
-                        q.put(_Bundle([it], [read_tensor(f, it.info)]))
-                        continue
-                    members = [where[n] for n in plan.groups[it.group]]
-                    local = [m for m in members if m.info.shard == shard.name]
-                    amax = None
-                    for m in members:
+            fd = os.open(shard, os.O_RDONLY)
+            fds.append(fd)
+            done: set[str] = set()
+            for it in by_shard.get(shard.name, []):
+                if stop.is_set():
+                    return
+                if it.name in done:
+                    continue
+                members, amax = [it], None
+                if it.action == "quantize" and it.group:
+                    group = [where[n] for n in plan.groups[it.group]]
+                    members = [m for m in group if m.info.shard == shard.name]
+                    for m in group:
                         if m.info.shard != shard.name:
-                            with open(plan.model_dir / m.info.shard, "rb") as g:
-                                a = float(read_tensor(g, m.info).abs().amax().float())
+                            pfd = os.open(plan.model_dir / m.info.shard, os.O_RDONLY)
+                            try:
+                                a = float(read_tensor(pfd, m.info).abs().amax().float())
+                            finally:
+                                os.close(pfd)
                             amax = a if amax is None else max(amax, a)
-                    done.update(m.name for m in local)
-                    q.put(_Bundle(local, [read_tensor(f, m.info) for m in local], amax))
+                done.update(m.name for m in members)
+                on_gpu = pin and it.action == "quantize"
+                futs = [pool.submit(read_tensor, fd, m.info, on_gpu) for m in members]
+                q.put(_Bundle(members, futs, amax))
             q.put(shard.name)
         q.put(None)
     except BaseException as e:  # handed to the main thread, which re-raises it
         q.put(e)
+    finally:
+        pool.shutdown(wait=True)
+        for fd in fds:
+            os.close(fd)
 
 
 class _Writer(threading.Thread):
@@ -283,7 +302,8 @@ def run(
     quant = Quantizer(plan, device)
     q: queue.Queue = queue.Queue(maxsize=_PREFETCH_BUNDLES)
     stop = threading.Event()
-    reader = threading.Thread(target=_reader, args=(plan, todo, q, stop), daemon=True)
+    pin = device.type == "cuda"
+    reader = threading.Thread(target=_reader, args=(plan, todo, q, stop, pin), daemon=True)
     writer = _Writer(plan, tmp, names, state)
     reader.start()
     writer.start()

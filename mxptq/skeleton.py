@@ -83,7 +83,7 @@ def build_skeleton(model_dir: Path) -> Skeleton:
         if hasattr(transformers, arch):
             classes.append(getattr(transformers, arch))
     model = None
-    with init_empty_weights(), warnings.catch_warnings():
+    with init_empty_weights(include_buffers=True), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for cls in classes:
             try:

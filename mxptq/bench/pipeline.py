@@ -122,6 +122,9 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "mxptq.cli", "quantize", "--model", str(src), "--out", str(out),
            "--scale", a.scale, "--json"]
+    t = time.perf_counter()  # start-up alone: imports, config, skeleton, headers, plan
+    subprocess.run([*cmd, "--dry-run"], capture_output=True, check=True)
+    dry = time.perf_counter() - t
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     wall = time.perf_counter() - t
@@ -147,6 +150,7 @@ def main() -> None:
         "io_floor_s": floor,
         "quantize_wall_s": wall,
         "quantize_internal_s": report["timings"]["total_s"],
+        "dry_run_wall_s": dry,
         "ratio_to_floor": wall / floor,
         "peak_rss_gib": child_rss / gib,
         "rss_budget_gib": max(in_sizes.values()) / gib + 2,

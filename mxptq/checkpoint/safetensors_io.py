@@ -7,7 +7,6 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
@@ -83,15 +82,19 @@ TORCH_DTYPES = {
 }
 
 
-def read_tensor(f: BinaryIO, info: TensorInfo) -> torch.Tensor:
-    """Read one tensor with plain file reads into fresh memory. Unlike a memory map, nothing
-    of the file stays resident, so host memory is what the pipeline holds and no more."""
+def read_tensor(fd: int, info: TensorInfo, pin: bool = False) -> torch.Tensor:
+    """Read one tensor with positional reads (thread-safe on a shared fd) into fresh memory,
+    pinned when it is headed for the GPU. Unlike a memory map, nothing of the file stays
+    resident, so host memory is what the pipeline holds and no more."""
     if info.dtype not in TORCH_DTYPES:
         raise MxptqError(f"tensor {info.name}: unsupported dtype {info.dtype}")
-    buf = torch.empty(info.nbytes, dtype=torch.uint8)
-    f.seek(info.offset)
-    if info.nbytes and f.readinto(memoryview(buf.numpy())) != info.nbytes:
-        raise MxptqError(f"tensor {info.name}: {info.shard} is truncated")
+    buf = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin)
+    view, off = memoryview(buf.numpy()), info.offset
+    while view:
+        n = os.preadv(fd, [view], off)
+        if n <= 0:
+            raise MxptqError(f"tensor {info.name}: {info.shard} is truncated")
+        view, off = view[n:], off + n
     return buf.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
 
 
