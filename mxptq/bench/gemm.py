@@ -15,6 +15,7 @@ layer against F.linear on the dequantized bf16 weight (relative error).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -97,7 +98,7 @@ def check_formats() -> list[str]:
         configs = [
             (5, gemm.GemmConfig(64, 16, bk, 4, 3, halves=True)),
             (5, gemm.GemmConfig(32, 16, bk, 4, 3)),
-            (300, gemm.GemmConfig(128, 128, bk, 8, 3)),
+            (300, gemm.GemmConfig(128, 64, max(64, b), 8, 3)),
         ]
         worst = 0.0
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -125,7 +126,7 @@ def run(fmt: str, ms: list[int]) -> list[str]:
     for n, k in SHAPES:
         w = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
         qt = quantize_tensor(w, fmt, "absmax", backend="torch")
-        copies = -(-L2_SPILL_BYTES // (n * k * qt.format.bits_per_weight // 8))
+        copies = math.ceil(L2_SPILL_BYTES / (n * k * qt.format.bits_per_weight / 8))
         qts = [qt] + [
             QuantizedTensor(qt.codes.clone(), qt.scales.clone(), qt.global_scale, qt.format)
             for _ in range(copies - 1)

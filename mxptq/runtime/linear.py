@@ -16,8 +16,8 @@ from ..tensor import QuantizedTensor, dequantize
 
 _PACKED = ("codes", "scales", "global_scale")
 # From this many tokens on, CUDA forwards dequantize into a transient bf16 weight and call
-# cuBLAS: measured on the H100 at M = 2048 that costs 1.2-1.3x a bf16 layer, the fused
-# large-tile kernel 1.6x (docs/runtime.md). Below it the fused kernel is faster.
+# cuBLAS: on the H100 at M = 2048 that costs 1.22-1.28x a bf16 layer, the fused large-tile
+# kernel 2.2-2.4x (docs/runtime.md); at M = 128 the two are about even.
 DENSE_M_MIN = 1024
 _CHUNK_WEIGHTS = 1 << 22  # torch path: rows dequantized per step, so temporaries stay small
 
