@@ -1,6 +1,7 @@
 """`mxptq eval`: perplexity of an original and (optionally) a quantized checkpoint on the same
 text, and the KL divergence of the quantized model's next-token distributions from the
-original's. Register with `app.command("eval")(eval_command)`."""
+original's; optionally with NVFP4 attention emulated in the evaluated model.
+Register with `app.command("eval")(eval_command)`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from .errors import MxptqError
 from .evaluate import MODES, reference_logprobs, score, sequences
 from .scales import SELECTORS
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def load_causal_lm(path: str, what: str):
@@ -46,25 +47,24 @@ def run_eval(
         raise MxptqError(f"unknown --mode {mode!r} (one of {', '.join(MODES)})")
     if scale not in SELECTORS:
         raise MxptqError(f"unknown --scale {scale!r} (one of {', '.join(SELECTORS)})")
+    test = load_causal_lm(quantized, "--quantized") if quantized else None
     tok = AutoTokenizer.from_pretrained(model)
     ref = load_causal_lm(model, "--model")
-    runs = {"original": ref}
-    if quantized:
-        runs["quantized"] = load_causal_lm(quantized, "--quantized")
     if emulate_attention:
         from .calibration.attention import use_emulated_attention
 
-        for m in runs.values():
-            try:
-                use_emulated_attention(m, emulate_attention, scale)
-            except ValueError as e:
-                raise MxptqError(f"--emulate-attention: {e}") from None
+        test = test if test is not None else load_causal_lm(model, "--model")
+        try:
+            use_emulated_attention(test, emulate_attention, scale)
+        except ValueError as e:
+            raise MxptqError(f"--emulate-attention: {e}") from None
     seqs = sequences(tok, data, mode, ctx, max_sequences)
-    ref_lp = reference_logprobs(ref, seqs) if quantized else None
     rows = {"original": {"perplexity": score(ref, seqs)[0].as_dict()}}
-    if quantized:
-        ppl, kl = score(runs["quantized"], seqs, ref_lp)
-        rows["quantized"] = {"perplexity": ppl.as_dict(), "kl": kl.as_dict()}
+    if test is not None:
+        ppl, kl = score(test, seqs, reference_logprobs(ref, seqs))
+        label = "quantized" if quantized else "original"
+        label += f" + {emulate_attention} attention" if emulate_attention else ""
+        rows[label] = {"perplexity": ppl.as_dict(), "kl": kl.as_dict()}
     return {
         "model": model, "quantized": quantized, "data": data, "mode": mode, "ctx": ctx,
         "emulate_attention": emulate_attention, "scale": scale if emulate_attention else None,
@@ -99,7 +99,8 @@ def eval_command(
         None, "--max-seqs", help="Score only the first N sequences. (default: all)"),
     emulate_attention: str = typer.Option(
         None, "--emulate-attention", help="Fake-quantize Q, K, V and the attention "
-        "probabilities in this format (nvfp4) in both models: emulation only."),
+        "probabilities in this format (nvfp4) in the evaluated model (--quantized, else a copy "
+        "of --model); the original stays exact. Emulation only."),
     scale: str = typer.Option(
         "search", "--scale", help="Block-scale selector for --emulate-attention."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),

@@ -7,7 +7,7 @@ from .activations import (
     attach_activation_fake_quant,
     fake_quantize_activation,
 )
-from .apply import CalibOptions, quantize_layer, quantize_linear
+from .apply import CalibOptions, fused_groups, quantize_layer, quantize_linear
 from .data import load_calibration, load_text
 from .gptq import GPTQResult, gptq_quantize
 from .runner import LayerRun, calibrate
@@ -23,6 +23,7 @@ __all__ = [
     "attach_activation_fake_quant",
     "calibrate",
     "fake_quantize_activation",
+    "fused_groups",
     "gptq_quantize",
     "load_calibration",
     "load_text",

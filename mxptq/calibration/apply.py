@@ -60,10 +60,23 @@ def fused_partners(name: str, names: list[str]) -> list[str]:
     return [name]
 
 
+def fused_groups(names: list[str]) -> list[list[str]]:
+    """`names` partitioned into fused sets (singletons for unfused Linears)."""
+    seen: dict[tuple[str, ...], None] = {}
+    for n in names:
+        seen.setdefault(tuple(fused_partners(n, names)), None)
+    return [list(g) for g in seen]
+
+
 def quantize_linear(
     w: torch.Tensor, stats, opts: CalibOptions, global_amax: torch.Tensor | None = None
 ) -> QuantizedTensor:
-    """One weight by the chosen algorithm, with the calibration statistics of its input."""
+    """One weight by the chosen algorithm, with the calibration statistics of its input. A
+    Linear that saw no calibration token (an unrouted expert) falls back to plain RTN: GPTQ
+    would zero all its columns."""
+    if stats.tokens == 0:
+        return quantize_tensor(w, opts.format, opts.scale, opts.block_size,
+                               global_amax=global_amax)
     imp = stats.second_moment() if opts.importance else None
     if opts.algo == "gptq":
         return gptq_quantize(

@@ -50,7 +50,7 @@ class _Stop(Exception):
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The ModuleList of decoder layers: the one whose length is num_hidden_layers."""
-    n = getattr(model.config, "num_hidden_layers", None)
+    n = getattr(model.config.get_text_config(), "num_hidden_layers", None)
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) == n and name.endswith("layers"):
             return name, mod
@@ -160,10 +160,12 @@ def calibrate(
     the callback (Hessians of a large model do not fit in memory all at once).
     """
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     model, store = open_model(model, device, dtype)
     prefix, layers = decoder_layers(model)
     n, seqlen = input_ids.shape
-    hidden_size = model.config.hidden_size
+    hidden_size = model.config.get_text_config().hidden_size
     nbytes = n * seqlen * hidden_size * torch.finfo(dtype).bits // 8
     hidden_device = device if _fits_on_device(device, nbytes) else torch.device("cpu")
     hidden, kwargs = _capture_inputs(model, layers, store, input_ids, batch_size, hidden_device)

@@ -40,7 +40,7 @@ class WeightStore:
         self.device = device
         self.dtype = dtype
         self.index = index  # None: the model is in memory
-        self.home: dict[str, torch.device] = {}
+        self.home: dict[str, tuple[torch.device, torch.dtype]] = {}
 
     @property
     def lazy(self) -> bool:
@@ -60,7 +60,7 @@ class WeightStore:
         for name, t in list(self._tensors(prefix, module, recurse)):
             if t.device == self.device:
                 continue
-            self.home.setdefault(name, t.device)
+            self.home.setdefault(name, (t.device, t.dtype))
             value = self._read(name) if t.is_meta else t
             set_module_tensor_to_device(self.model, name, self.device, value=value,
                                         dtype=self.dtype if value.is_floating_point() else None)
@@ -69,10 +69,11 @@ class WeightStore:
         """Send tensors back where they were (meta for lazily read ones)."""
         for name, t in list(self._tensors(prefix, module, recurse)):
             home = self.home.pop(name, None)
-            if home is None or t.device == home:
+            if home is None:
                 continue
-            set_module_tensor_to_device(self.model, name, home, value=t.to(home) if
-                                        home.type != "meta" else None)
+            device, dtype = home
+            value = None if device.type == "meta" else t.to(device, dtype)
+            set_module_tensor_to_device(self.model, name, device, value=value)
 
     def load_on_call(self, model: nn.Module, skip: nn.Module) -> list:
         """Pre-hooks that bring each module outside `skip` (the decoder layers) to the device
