@@ -7,6 +7,8 @@ mxptq.scales in the same order; docs/kernels.md explains the search loop and its
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -33,6 +35,11 @@ DEFAULT_CONFIG = {
     "search": (2048, 4),
     "exhaustive": (1024, 4),
 }
+
+
+@triton.jit
+def _or(x, y):
+    return x | y
 
 
 @triton.jit
@@ -122,10 +129,10 @@ def _quantize_kernel(
             e6, _ = _err(a, ay, hh, ay, scale_value(c, MAN, BIAS), inv_g, B, HAS_H, 0)
             e4, _ = _err(a, ay, hh, ay, scale_value(c4, MAN, BIAS), inv_g, B, HAS_H, 0)
             c = tl.where(e4 < e6, c4, c)
-        elif SEL == 2:
-            c = _window(a, ay, hh, c, inv_g, B, WLO, WHI, MAN, BIAS, MAX_CODE, HAS_H)
         else:
-            c = _exhaustive(a, ay, hh, bmax * g, c, inv_g, bmask, B, MAN, BIAS, MAX_CODE, HAS_H)
+            c = _search(
+                a, ay, hh, bmax * g, c, inv_g, bmask, B, SEL, WLO, WHI, MAN, BIAS, MAX_CODE, HAS_H
+            )
 
     v = x * reciprocal(scale_value(c, MAN, BIAS) * inv_g)[:, None]
     lo, hi = tl.split(tl.reshape(e2m1_code(v), (NB, B // 2, 2)))
@@ -136,61 +143,7 @@ def _quantize_kernel(
 
 
 @triton.jit
-def _try(
-    a,
-    ay,
-    hh,
-    c,
-    inv_g,
-    best_c,
-    best_e,
-    B: tl.constexpr,
-    MAN: tl.constexpr,
-    BIAS: tl.constexpr,
-    MAX_CODE: tl.constexpr,
-    HAS_H: tl.constexpr,
-):
-    """One candidate code per block: replaces the best where valid and strictly better."""
-    MIN_CODE: tl.constexpr = 1 if MAN > 0 else 0
-    s = scale_value(tl.minimum(tl.maximum(c, 0), MAX_CODE), MAN, BIAS)
-    e, _ = _err(a, ay, hh, ay, s, inv_g, B, HAS_H, 0)
-    better = (c >= MIN_CODE) & (c <= MAX_CODE) & (e < best_e)
-    return tl.where(better, c, best_c), tl.where(better, e, best_e)
-
-
-@triton.jit
-def _window(
-    a,
-    ay,
-    hh,
-    c0,
-    inv_g,
-    B: tl.constexpr,
-    WLO: tl.constexpr,
-    WHI: tl.constexpr,
-    MAN: tl.constexpr,
-    BIAS: tl.constexpr,
-    MAX_CODE: tl.constexpr,
-    HAS_H: tl.constexpr,
-):
-    """search: the window is a compile-time constant, so the loop over offsets (-k, then +k)
-    is unrolled and runs without branches or tile-wide reductions."""
-    best_c = c0
-    best_e, _ = _err(a, ay, hh, ay, scale_value(c0, MAN, BIAS), inv_g, B, HAS_H, 0)
-    for k in tl.static_range(1, max(-WLO, WHI) + 1):
-        if k <= -WLO:
-            best_c, best_e = _try(
-                a, ay, hh, c0 - k, inv_g, best_c, best_e, B, MAN, BIAS, MAX_CODE, HAS_H
-            )
-        if k <= WHI:
-            best_c, best_e = _try(
-                a, ay, hh, c0 + k, inv_g, best_c, best_e, B, MAN, BIAS, MAX_CODE, HAS_H
-            )
-    return best_c
-
-
-@triton.jit
-def _exhaustive(
+def _search(
     a,
     ay,
     hh,
@@ -199,19 +152,27 @@ def _exhaustive(
     inv_g,
     bmask,
     B: tl.constexpr,
+    SEL: tl.constexpr,
+    WLO: tl.constexpr,
+    WHI: tl.constexpr,
     MAN: tl.constexpr,
     BIAS: tl.constexpr,
     MAX_CODE: tl.constexpr,
     HAS_H: tl.constexpr,
 ):
-    """exhaustive: offsets -k then +k for k = 1, 2, ..., each replacing the best only when
-    strictly better; a side of a block stops once a lower bound proves that none of its
-    remaining candidates can be strictly better (docs/kernels.md has the proof)."""
+    """search (SEL 2, offsets WLO..WHI) and exhaustive (SEL 3, every code): offsets -k then +k
+    for k = 1, 2, ..., each replacing the best only when strictly better; a side of a block
+    stops once a lower bound proves that none of its remaining candidates can be strictly
+    better (docs/kernels.md has the proof). The window bounds search's sides, so it skips the
+    per-element bounds, which cost more there than they save."""
     MIN_CODE: tl.constexpr = 1 if MAN > 0 else 0
     best_c = c0
     best_e, _ = _err(a, ay, hh, ay, scale_value(c0, MAN, BIAS), inv_g, B, HAS_H, 0)
     kneg = c0 - MIN_CODE
     kpos = MAX_CODE - c0
+    if SEL == 2:
+        kneg = tl.minimum(kneg, -WLO)
+        kpos = tl.minimum(kpos, WHI)
     yy = ay * ay
     if HAS_H:
         yyh = yy * hh
@@ -222,31 +183,32 @@ def _exhaustive(
     neg_done = (kneg < 1) | ~bmask
     pos_done = (kpos < 1) | ~bmask
     k = 1
-    more = tl.max((~(neg_done & pos_done)).to(tl.int32), axis=0)
-    while more > 0:
+    busy = 3
+    while busy > 0:
         # Smaller scale c0 - k: the max element clips to 6s, so its leaf is >= (ymax - 6s)²h.
         cn = c0 - k
         sn = scale_value(tl.maximum(cn, 0), MAN, BIAS)
         dn = tl.maximum(ymax - 6.0 * sn, 0.0)
         neg_done = neg_done | (k > kneg) | ((dn * dn) * h_max >= best_e)
-        if tl.max((~neg_done).to(tl.int32), axis=0) > 0:
-            e, lb = _err(a, ay, hh, yyh, sn, inv_g, B, HAS_H, -1 if HAS_H else 0)
+        pos_done = pos_done | (k > kpos)
+        # One tile-wide reduction per step: bit 0 = some block still tries -k, bit 1 = +k.
+        busy = tl.reduce((~neg_done).to(tl.int32) | ((~pos_done).to(tl.int32) << 1), 0, _or)
+        if (busy & 1) > 0:
+            e, lb = _err(a, ay, hh, yyh, sn, inv_g, B, HAS_H, -1 if HAS_H and SEL == 3 else 0)
             better = ~neg_done & (e < best_e)
             best_c = tl.where(better, cn, best_c)
             best_e = tl.where(better, e, best_e)
             neg_done = neg_done | (lb >= best_e)
         # Larger scale c0 + k: elements with |y| <= s/4 cost at least y²h at any larger scale.
         cp = c0 + k
-        pos_done = pos_done | (k > kpos)
-        if tl.max((~pos_done).to(tl.int32), axis=0) > 0:
+        if (busy & 2) > 0:
             sp = scale_value(tl.minimum(cp, MAX_CODE), MAN, BIAS)
-            e, lb = _err(a, ay, hh, yyh, sp, inv_g, B, HAS_H, 1)
+            e, lb = _err(a, ay, hh, yyh, sp, inv_g, B, HAS_H, 1 if SEL == 3 else 0)
             better = ~pos_done & (e < best_e)
             best_c = tl.where(better, cp, best_c)
             best_e = tl.where(better, e, best_e)
             pos_done = pos_done | (lb >= best_e)
         k += 1
-        more = tl.max((~(neg_done & pos_done)).to(tl.int32), axis=0)
     return best_c
 
 
@@ -255,6 +217,36 @@ def _global_partials(w: torch.Tensor, global_amax) -> torch.Tensor:
     if global_amax is None:
         return amax_partials(w)
     return torch.as_tensor(global_amax).to(w.device).float().reshape(1)
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_options(
+    fmt: Format, cfg: SelectorConfig, bf16: bool, has_h: bool, n_amax: int, config
+) -> tuple[int, dict]:
+    """(blocks per program, kernel keywords) for one case, cached to keep launches cheap."""
+    tile, warps = config or DEFAULT_CONFIG[cfg.name]
+    nb = max(1, tile // fmt.block_size)
+    window = cfg.window or (0, 0)
+    codec = fmt.scale
+    return nb, dict(
+        B=fmt.block_size,
+        NB=nb,
+        AMAX_P=triton.next_power_of_2(n_amax),
+        SEL=SELECTORS.index(cfg.name),
+        WLO=window[0],
+        WHI=window[1],
+        MAN=codec.man_bits,
+        BIAS=codec.bias,
+        MAX_CODE=codec.max_code,
+        MAX_VALUE=codec.max_value,
+        MX_CEIL=fmt.mx_rule == "ceil",
+        HAS_GLOBAL=fmt.has_global,
+        HAS_H=has_h,
+        FLOOR=cfg.underflow_floor,
+        BF16_BITS=bf16,
+        num_warps=warps,
+        enable_fp_fusion=False,
+    )
 
 
 def quantize(
@@ -270,19 +262,17 @@ def quantize(
     n, k = w.shape
     b = fmt.block_size
     w = w.contiguous()
-    bf16 = w.dtype == torch.bfloat16
     dev = w.device
     codes = torch.empty((n, k // 2), dtype=torch.uint8, device=dev)
     scales = torch.empty((n, k // b), dtype=torch.uint8, device=dev)
-    g = torch.ones((), dtype=torch.float32, device=dev) if fmt.has_global else None
     n_blocks = n * (k // b)
     if n_blocks == 0:
+        g = torch.ones((), dtype=torch.float32, device=dev) if fmt.has_global else None
         return QuantizedTensor(codes, fmt.scale.to_storage(scales), g, fmt)
+    g = torch.empty((), dtype=torch.float32, device=dev) if fmt.has_global else None
     partials = _global_partials(w, global_amax) if fmt.has_global else scales
-    tile, warps = config or DEFAULT_CONFIG[cfg.name]
-    nb = max(1, tile // b)
-    window = cfg.window or (0, 0)
-    codec = fmt.scale
+    bf16 = w.dtype == torch.bfloat16
+    nb, opts = _launch_options(fmt, cfg, bf16, h is not None, partials.numel(), config)
     _quantize_kernel[(triton.cdiv(n_blocks, nb),)](
         w.view(torch.int16) if bf16 else w,
         h if h is not None else w,
@@ -294,22 +284,6 @@ def quantize(
         k // b,
         partials.numel(),
         float(cfg.global_norm or 1.0) * 6.0,
-        B=b,
-        NB=nb,
-        AMAX_P=triton.next_power_of_2(partials.numel()),
-        SEL=SELECTORS.index(cfg.name),
-        WLO=window[0],
-        WHI=window[1],
-        MAN=codec.man_bits,
-        BIAS=codec.bias,
-        MAX_CODE=codec.max_code,
-        MAX_VALUE=codec.max_value,
-        MX_CEIL=fmt.mx_rule == "ceil",
-        HAS_GLOBAL=fmt.has_global,
-        HAS_H=h is not None,
-        FLOOR=cfg.underflow_floor,
-        BF16_BITS=bf16,
-        num_warps=warps,
-        enable_fp_fusion=False,
+        **opts,
     )
-    return QuantizedTensor(codes, codec.to_storage(scales), g, fmt)
+    return QuantizedTensor(codes, fmt.scale.to_storage(scales), g, fmt)
