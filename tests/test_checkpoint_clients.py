@@ -47,4 +47,6 @@ def test_minilm_loads_in_transformers(tmp_path):
     inputs = dict(tok(["A cat sat on the mat.", "Quantized weights, same meaning."],
                       padding=True, return_tensors="pt"))
     loaded = AutoModel.from_pretrained(out, dtype=BF16).eval()
+    pooling = minilm_dir() / "1_Pooling" / "config.json"  # sentence-transformers sub-folder
+    assert (out / "1_Pooling" / "config.json").read_bytes() == pooling.read_bytes()
     _assert_same_model(loaded, minilm_dir(), out, AutoModel, inputs, "last_hidden_state")

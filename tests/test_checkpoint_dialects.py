@@ -46,6 +46,7 @@ def test_compressed_tensors_layout_and_config(tmp_path):
     assert set(idx["weight_map"]) == set(h) - {"__metadata__"}
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / f).read_bytes() == (STORIES / f).read_bytes()
+    assert not (out / "original").exists()  # llama2.c weights (.bin) are not copied
     rep = json.loads((out / "mxptq_report.json").read_text())
     assert rep["flags"]["scale"] == "absmax" and len(rep["tensors"]) == 30
     assert 0 < rep["error"]["rel_mse_mean"] < 0.05
