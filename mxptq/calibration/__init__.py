@@ -10,12 +10,13 @@ from .activations import (
 from .apply import CalibOptions, fused_groups, quantize_layer, quantize_linear
 from .data import load_calibration, load_text
 from .gptq import GPTQResult, gptq_quantize
-from .runner import LayerRun, calibrate
+from .runner import CalibrationResult, LayerRun, calibrate
 from .stats import LinearStats
 
 __all__ = [
     "ActivationScale",
     "CalibOptions",
+    "CalibrationResult",
     "GPTQResult",
     "LayerRun",
     "LinearStats",

@@ -56,7 +56,3 @@ class LinearStats:
                 setattr(self, name, t.to(device))
         return self
 
-
-def merge_amax(stats: list[LinearStats]) -> float:
-    """The largest input amax of a fused set (they share one activation global scale)."""
-    return max((s.amax for s in stats), default=0.0)
