@@ -6,13 +6,17 @@ from .tensor import QuantizedTensor, dequantize, quantize_tensor
 
 __version__ = "0.1.0"
 
+from .runtime.loader import PackedConfig, load  # noqa: E402  registers the loader with transformers
+
 __all__ = [
     "FORMATS",
     "SCALE_CODECS",
     "SELECTORS",
     "Format",
+    "PackedConfig",
     "QuantizedTensor",
     "dequantize",
     "get_format",
+    "load",
     "quantize_tensor",
 ]

@@ -1,0 +1,177 @@
+"""Load mxptq checkpoints (native, compressed-tensors, ModelOpt) into PackedLinear layers through
+transformers' quantizer registration, so `from_pretrained` keeps FP4 weights packed.
+
+Importing this module registers `quant_method: "mxptq"` (the native dialect) and, when
+transformers has no loader of that name, `"modelopt"`. compressed-tensors checkpoints keep
+transformers' own loader (it decompresses to dense) unless the caller opts in with
+`packed_config(dir)` or `load(dir)`, which rewrite the config to point at this loader.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..checkpoint.dialects import ModelOpt, dialect_of_config
+from ..checkpoint.safetensors_io import read_header
+from ..errors import MxptqError
+from .linear import PackedLinear
+
+METHOD = "mxptq"
+
+
+class PackedConfig(QuantizationConfigMixin):
+    """Quantization config of the packed loader; `checkpoint` is the checkpoint's own
+    `quantization_config` (any dialect mxptq reads), which says the format and tensor names.
+
+    Built by transformers from config.json (native and ModelOpt dialects), by
+    `packed_config(dir)`, or empty (`PackedConfig()`) as a `from_pretrained` argument.
+    """
+
+    def __init__(self, checkpoint: dict | None = None, **config_json) -> None:
+        self.quant_method = METHOD
+        # from_dict passes a native/ModelOpt quantization_config as keyword arguments
+        self.checkpoint = checkpoint if checkpoint is not None else (config_json or None)
+
+    def dialect(self):
+        if not self.checkpoint:
+            raise MxptqError("PackedConfig has no checkpoint quantization_config to load")
+        return dialect_of_config(self.checkpoint)
+
+
+class _Scalar(ConversionOps):
+    """A stored global scale ([1] or 0-d) as the 0-d fp32 `global_scale`; ModelOpt stores the
+    decode multiplier 1/g (`weight_scale_2`), hence `invert`."""
+
+    def __init__(self, invert: bool) -> None:
+        self.invert = invert
+
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        t = next(iter(input_dict.values()))
+        t = (t[0] if isinstance(t, list) else t).reshape(()).float()
+        return {target_patterns[0]: 1.0 / t if self.invert else t}
+
+
+def _conversions(modelopt: bool) -> list:
+    """Checkpoint tensor names -> PackedLinear buffers. Renames of dense keys (e.g. a kept
+    layer's ModelOpt-style `weight`) fall back to the original name because no buffer matches."""
+    if modelopt:
+        return [
+            WeightRenaming("weight", "codes"),
+            WeightRenaming("weight_scale", "scales"),
+            WeightConverter("weight_scale_2", "global_scale", [_Scalar(invert=True)]),
+        ]
+    return [
+        WeightRenaming("weight_packed", "codes"),
+        WeightRenaming("weight_scale", "scales"),
+        WeightConverter("weight_global_scale", "global_scale", [_Scalar(invert=False)]),
+    ]
+
+
+def quantized_modules(files: list[str | Path], modelopt: bool) -> set[str]:
+    """Module names that hold packed tensors, from the safetensors headers (no data read)."""
+    suffix = ".weight_scale_2" if modelopt else ".weight_packed"
+    return {
+        name[: -len(suffix)]
+        for f in files
+        for name in read_header(Path(f))
+        if name.endswith(suffix)
+    }
+
+
+class PackedHfQuantizer(HfQuantizer):
+    """Swaps the Linear layers the checkpoint quantized for PackedLinear before loading and maps
+    the dialect's tensor names onto PackedLinear's buffers; layers stored dense stay nn.Linear."""
+
+    requires_calibration = True  # reads FP4 checkpoints; it does not quantize dense ones
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        dialect = self.quantization_config.dialect()
+        fmt = dialect.format_from_config(self.quantization_config.checkpoint)
+        packed = quantized_modules(checkpoint_files or [], isinstance(dialect, ModelOpt))
+        prefix = model.base_model_prefix
+        for name, lin in list(model.named_modules()):
+            names = {name, f"{prefix}.{name}", re.sub(f"^{re.escape(prefix)}\\.", "", name)}
+            if not isinstance(lin, nn.Linear) or not names & packed:
+                continue
+            new = PackedLinear(
+                lin.in_features, lin.out_features, fmt, bias=lin.bias is not None,
+                dtype=lin.weight.dtype, device="meta",
+            )
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+        return model
+
+    def get_weight_conversions(self) -> list:
+        return _conversions(isinstance(self.quantization_config.dialect(), ModelOpt))
+
+    def is_serializable(self) -> bool:
+        return False  # buffers are named codes/scales, not any dialect's names
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def _register() -> None:
+    if METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(METHOD)(PackedConfig)
+    if METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(METHOD)(PackedHfQuantizer)
+    # transformers 5.23 has no "modelopt"; a later one with its own loader keeps it
+    if "modelopt" not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config("modelopt")(PackedConfig)
+
+
+_register()
+
+
+def packed_config(path: str | Path) -> PretrainedConfig:
+    """The checkpoint's config with its quantization_config routed to the packed loader: pass
+    it as `from_pretrained(path, config=packed_config(path))` to load a compressed-tensors
+    checkpoint packed instead of through transformers' dense decompression."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    qc = getattr(config, "quantization_config", None)
+    if not qc:
+        raise MxptqError(f"{path}: config.json has no quantization_config")
+    qc = dict(qc) if not isinstance(qc, dict) else qc
+    if qc.get("quant_method") != METHOD or "checkpoint" not in qc:
+        qc = {"quant_method": METHOD, "checkpoint": qc}
+    PackedConfig(**qc).dialect()  # raise now for a dialect mxptq does not read
+    config.quantization_config = qc
+    return config
+
+
+def load(
+    path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str = "auto",
+    **kwargs,
+) -> nn.Module:
+    """Load a checkpoint mxptq wrote, any dialect, with its quantized layers as PackedLinear.
+
+    AutoModelForCausalLM when config.json's architectures name a causal LM, else AutoModel.
+    `device` goes to `device_map` ("auto", "cpu", "cuda:0", ...); `kwargs` to from_pretrained.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = packed_config(path)
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    auto = AutoModelForCausalLM if set(config.architectures or ()) & causal else AutoModel
+    return auto.from_pretrained(path, config=config, dtype=dtype, device_map=device, **kwargs)
