@@ -28,12 +28,14 @@ from .numerics import (
     widen,
 )
 
-# (weights per program, warps) per selector: memory-bound selectors take larger tiles.
+# (weights per program, warps) per selector, from H100 sweeps (docs/kernels.md): the
+# memory-bound selectors take large tiles; the search loops small ones, since a tile runs
+# until its slowest block is done.
 DEFAULT_CONFIG = {
     "absmax": (4096, 4),
     "4over6": (2048, 4),
-    "search": (2048, 4),
-    "exhaustive": (1024, 4),
+    "search": (512, 1),
+    "exhaustive": (512, 1),
 }
 
 

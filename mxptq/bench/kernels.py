@@ -157,7 +157,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--format", default="nvfp4")
     ap.add_argument("--selectors", default=",".join(SELECTORS))
-    ap.add_argument("--sweep", action="store_true", help="time (tile, warps) configs first")
+    ap.add_argument("--sweep", action="store_true", help="time (tile, warps) configs, then stop")
+    ap.add_argument(
+        "--configs",
+        default="512:1,1024:2,1024:4,2048:4,4096:4",
+        help="tile:warps pairs for --sweep",
+    )
     ap.add_argument("--no-edge", action="store_true", help="skip the edge-case check")
     args = ap.parse_args()
     sels = args.selectors.split(",")
@@ -166,7 +171,8 @@ def main() -> None:
         print(f"edge-case mismatches: {check_edge_cases()}", flush=True)
     if args.sweep:  # tuning only: time (weights per program, warps) configs, then stop
         fmt = get_format(args.format)
-        for sel, tile, warps in itertools.product(sels, (512, 1024, 2048, 4096), (1, 2, 4, 8)):
+        configs = [tuple(map(int, c.split(":"))) for c in args.configs.split(",")]
+        for sel, (tile, warps) in itertools.product(sels, configs):
             r = bench_shape(14336, 4096, [sel], fmt, (tile, warps), check=False)[0]
             print(f"SWEEP {sel} tile={tile} warps={warps}: {r['rate']:.1f} G/s", flush=True)
         return
