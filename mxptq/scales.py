@@ -73,10 +73,11 @@ def resolve_selector(
 
 
 def global_encode_scale(amax: torch.Tensor, global_norm: float) -> torch.Tensor:
-    """g = global_norm·6/amax in fp32 (compressed-tensors' generate_gparam for 448); 1.0 when
-    amax is 0 or g is not finite, so an all-zero tensor quantizes to zeros."""
+    """g = (global_norm·6)·fp32(1/amax): the two roundings that compressed-tensors'
+    generate_gparam and vLLM's global-scale helper perform (torch evaluates `c / t` as
+    `c * t.reciprocal()`); 1.0 when amax is 0 or g is not finite, so a zero tensor gives zeros."""
     amax = amax.float()
-    g = (global_norm * E2M1_MAX) / amax
+    g = (global_norm * E2M1_MAX) * torch.reciprocal(amax)
     return torch.where(torch.isfinite(g) & (amax > 0), g, torch.ones_like(g))
 
 
