@@ -260,10 +260,10 @@ def _read_values(folder, tensors, layers, fmt, modelopt, ins) -> None:
                                         "a positive finite number")
 
 
-def _check_fused(tensors: dict[str, TensorInfo], layers: list[Layer], ins: Inspection) -> None:
+def _check_fused(tensors: dict[str, TensorInfo], quantized: set[str], layers: list[Layer],
+                 ins: Inspection) -> None:
     """Fused partners must all be quantized, all present, and share one global scale."""
     by_name = {lay.name: lay for lay in layers}
-    quantized = set(by_name)
     present = {t.rpartition(".")[0] for t in tensors}
     groups: dict[tuple[str, tuple], list[str]] = defaultdict(list)
     for mod in present:
@@ -283,7 +283,8 @@ def _check_fused(tensors: dict[str, TensorInfo], layers: list[Layer], ins: Inspe
             for leaf in fs:
                 if leaf not in leaves:
                     ins.problems.append(f"fused partner {parent}.{leaf} of {q[0]} is missing")
-        gs = {m: by_name[m].global_scale for m in q if by_name[m].global_scale is not None}
+        gs = {m: by_name[m].global_scale for m in q
+              if m in by_name and by_name[m].global_scale is not None}
         if len(set(gs.values())) > 1:
             shown = ", ".join(f"{m.rpartition('.')[2]}={v:.6g}" for m, v in gs.items())
             ins.problems.append(f"fused partners of {parent} have different global scales "
@@ -354,7 +355,7 @@ def inspect_checkpoint(folder: str | Path, original: str | Path | None = None) -
         if matches(ignore, mod):
             ins.problems.append(f"{mod}: quantized but listed in quantization_config ignore")
     _read_values(folder, tensors, layers, fmt, modelopt, ins)
-    _check_fused(tensors, layers, ins)
+    _check_fused(tensors, set(mods), layers, ins)
     _original(folder, tensors, ins, config)
     report = folder / REPORT_NAME
     rep = json.loads(report.read_text()) if report.is_file() else {}

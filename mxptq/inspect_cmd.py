@@ -19,6 +19,7 @@ from .inspect import Inspection, inspect_checkpoint
 
 _BAR = 40
 _MAX_ROWS = 24  # more distinct scale codes than this are shown per binade
+_MAX_PROBLEMS = 20
 
 
 def _size(n: int | None) -> str:
@@ -149,7 +150,10 @@ def inspect_command(
         print(json.dumps(ins.to_json(layers), indent=2))
     else:
         print_inspection(ins, layers, Console())
-    for p in ins.problems:
+    for p in ins.problems[:_MAX_PROBLEMS]:
         print(f"error: {p}", file=sys.stderr)
+    if len(ins.problems) > _MAX_PROBLEMS:
+        print(f"error: ... and {len(ins.problems) - _MAX_PROBLEMS} more problems (--json lists "
+              "all)", file=sys.stderr)
     if ins.problems:
         raise typer.Exit(1)

@@ -58,7 +58,8 @@ def _perplexity(model: nn.Module, tok, stories: int = 20) -> float:
     nll = count = 0
     with torch.no_grad():
         for t in texts:
-            x = torch.tensor([[tok.bos_token_id] + tok(t, add_special_tokens=False).input_ids[:511]])
+            ids = tok(t, add_special_tokens=False).input_ids[:511]
+            x = torch.tensor([[tok.bos_token_id, *ids]])
             logits = model(x).logits[0, :-1].float()
             nll += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
             count += x.shape[1] - 1
