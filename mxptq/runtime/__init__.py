@@ -1,16 +1,25 @@
-"""Inference with FP4 weights kept packed: PackedLinear, model helpers and the loader."""
+"""Inference with FP4 weights kept packed: PackedLinear, model helpers and the loader.
 
-from .linear import PackedLinear
-from .loader import PackedConfig, PackedHfQuantizer, load, packed_config
-from .model import LinearMemory, linear_weight_bytes, pack_linears
+Exports resolve on first use, so `import mxptq` (which registers the loader with transformers)
+does not import Triton: its kernels are built at import and read TRITON_INTERPRET only then.
+"""
 
-__all__ = [
-    "LinearMemory",
-    "PackedConfig",
-    "PackedHfQuantizer",
-    "PackedLinear",
-    "linear_weight_bytes",
-    "load",
-    "pack_linears",
-    "packed_config",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "LinearMemory": ".model",
+    "PackedConfig": ".loader",
+    "PackedHfQuantizer": ".loader",
+    "PackedLinear": ".linear",
+    "linear_weight_bytes": ".model",
+    "load": ".loader",
+    "pack_linears": ".model",
+    "packed_config": ".loader",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name], __name__), name)

@@ -28,7 +28,6 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..checkpoint.dialects import ModelOpt, dialect_of_config
 from ..checkpoint.safetensors_io import read_header
 from ..errors import MxptqError
-from .linear import PackedLinear
 
 METHOD = "mxptq"
 
@@ -99,6 +98,8 @@ class PackedHfQuantizer(HfQuantizer):
     requires_calibration = True  # reads FP4 checkpoints; it does not quantize dense ones
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        from .linear import PackedLinear  # imports Triton: only once a model is loaded
+
         dialect = self.quantization_config.dialect()
         fmt = dialect.format_from_config(self.quantization_config.checkpoint)
         packed = quantized_modules(checkpoint_files or [], isinstance(dialect, ModelOpt))
