@@ -105,8 +105,11 @@ def test_logits_perplexity_and_generation_match_dequantized_model(ckpts, dialect
 
 @pytest.mark.parametrize("dialect", ["native-ue5m3-b8", "modelopt"])
 def test_from_pretrained_after_import_uses_packed_layers(ckpts, dialect):
-    model = AutoModelForCausalLM.from_pretrained(ckpts[dialect])
-    assert set(_packed(model)) == set(read_checkpoint(ckpts[dialect]))
+    q = read_checkpoint(ckpts[dialect])
+    assert set(_packed(AutoModelForCausalLM.from_pretrained(ckpts[dialect]))) == set(q)
+    model = AutoModelForCausalLM.from_pretrained(ckpts[dialect],
+                                                 quantization_config=mxptq.PackedConfig())
+    assert set(_packed(model)) == set(q)
 
 
 def test_compressed_tensors_loader_still_works_and_ours_is_opt_in(ckpts):
