@@ -178,3 +178,12 @@ def test_ue5m3_code_above_max(tmp_path):
 
 def test_not_a_checkpoint(tmp_path):
     _fails(run(tmp_path), "config.json")
+
+
+def test_modelopt_fused_partner_scale(tmp_path):
+    out = tmp_path / "mo"
+    quantize(STORIES, out, "--format", "nvfp4", "--scale", "absmax", "--dialect", "modelopt")
+    r = run(out, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["dialect"] == "modelopt", r.output
+    _poke(out, "model.layers.3.mlp.up_proj.weight_scale_2", struct.pack("<f", 0.5))
+    _fails(run(out), "model.layers.3.mlp", "different global scales", "up_proj=0.5")

@@ -107,8 +107,9 @@ def test_logits_perplexity_and_generation_match_dequantized_model(ckpts, dialect
 def test_from_pretrained_after_import_uses_packed_layers(ckpts, dialect):
     q = read_checkpoint(ckpts[dialect])
     assert set(_packed(AutoModelForCausalLM.from_pretrained(ckpts[dialect]))) == set(q)
-    model = AutoModelForCausalLM.from_pretrained(ckpts[dialect],
-                                                 quantization_config=mxptq.PackedConfig())
+    with pytest.warns(UserWarning, match="quantization_config"):  # the checkpoint's is used
+        model = AutoModelForCausalLM.from_pretrained(ckpts[dialect],
+                                                     quantization_config=mxptq.PackedConfig())
     assert set(_packed(model)) == set(q)
 
 
