@@ -12,7 +12,14 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import mxptq
 from mxptq.checkpoint import read_checkpoint
-from mxptq.runtime import PackedLinear, linear_weight_bytes, packed_config
+from mxptq.errors import MxptqError
+from mxptq.runtime import (
+    PackedConfig,
+    PackedHfQuantizer,
+    PackedLinear,
+    linear_weight_bytes,
+    packed_config,
+)
 
 TEXT = ASSETS / "text" / "tinystories" / "validation_100.txt"
 DIALECTS = {
@@ -111,6 +118,21 @@ def test_from_pretrained_after_import_uses_packed_layers(ckpts, dialect):
         model = AutoModelForCausalLM.from_pretrained(ckpts[dialect],
                                                      quantization_config=mxptq.PackedConfig())
     assert set(_packed(model)) == set(q)
+
+
+def test_checkpoint_that_matches_no_linear_is_refused(ckpts):
+    class Other(nn.Module):
+        base_model_prefix = "model"
+
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(64, 64)
+
+    qdir = ckpts["ct-nvfp4"]
+    quantizer = PackedHfQuantizer(PackedConfig(**packed_config(qdir).quantization_config))
+    with pytest.raises(MxptqError, match="none of the checkpoint's 30 quantized modules"):
+        quantizer._process_model_before_weight_loading(
+            Other(), checkpoint_files=[str(qdir / "model.safetensors")])
 
 
 def test_compressed_tensors_loader_still_works_and_ours_is_opt_in(ckpts):

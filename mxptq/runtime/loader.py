@@ -104,16 +104,23 @@ class PackedHfQuantizer(HfQuantizer):
         fmt = dialect.format_from_config(self.quantization_config.checkpoint)
         packed = quantized_modules(checkpoint_files or [], isinstance(dialect, ModelOpt))
         prefix = model.base_model_prefix
+        swapped = 0
         for name, lin in list(model.named_modules()):
             names = {name, f"{prefix}.{name}", re.sub(f"^{re.escape(prefix)}\\.", "", name)}
             if not isinstance(lin, nn.Linear) or not names & packed:
                 continue
+            swapped += 1
             new = PackedLinear(
                 lin.in_features, lin.out_features, fmt, bias=lin.bias is not None,
                 dtype=lin.weight.dtype, device="meta",
             )
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, new)
+        if not swapped:  # loading on would leave every quantized layer randomly initialized
+            raise MxptqError(
+                f"none of the checkpoint's {len(packed)} quantized modules is an nn.Linear of "
+                f"{type(model).__name__}; mxptq cannot load them packed"
+            )
         return model
 
     def get_weight_conversions(self) -> list:
