@@ -171,7 +171,9 @@ def test_config_names_another_format(ckpt):
 def test_ue5m3_code_above_max(tmp_path):
     out = tmp_path / "native"
     quantize(STORIES, out, "--format", "nvfp4-ue5m3", "--block-size", "8", "--scale", "absmax")
-    assert run(out).exit_code == 0
+    r = run(out, "--json", "--original", str(STORIES))
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["offset_histogram"] == {"0": 171520 // 8}  # absmax: all c0
     _poke(out, f"{Q}.weight_scale", bytes([0xFF]))
     _fails(run(out), f"{Q}.weight_scale", "above ue5m3 max 254")
 
