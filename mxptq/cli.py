@@ -9,7 +9,9 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .eval_cmd import eval_command
 from .formats import FORMATS
+from .inspect_cmd import inspect_command
 from .scales import DEFAULT_GLOBAL_NORM, DEFAULT_WINDOW, SELECTORS
 
 app = typer.Typer(
@@ -110,6 +112,9 @@ def quantize_cmd(
     }
     guarded(quantize_main, cli, recipe, dry_run, overwrite, resume, as_json)
 
+
+app.command("inspect")(inspect_command)
+app.command("eval")(eval_command)
 
 if __name__ == "__main__":
     app()
