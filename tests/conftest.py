@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 # Without a GPU, Triton kernels run in its interpreter. The variable is read when a kernel is
@@ -9,3 +10,13 @@ import torch
 # it must be set before collection, whatever order the modules are collected in.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: on a 2-core machine a second intra-op thread mostly waits, and under load
+    it made these modules many times slower. Modules opt in with `usefixtures`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,13 +14,7 @@ MODEL = ASSETS / "models" / "stories260K"
 CALIB = ASSETS / "text" / "tinystories" / "validation_prefix.txt"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine's cores are shared: one thread is many times faster than two here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ EVAL = ASSETS / "text" / "tinystories" / "validation_100.txt"
 PPL_FIRST_10 = 4.351127
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine's cores are shared: one thread is many times faster than two here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

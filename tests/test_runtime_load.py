@@ -31,13 +31,7 @@ DIALECTS = {
 IDS = torch.tensor([[1, 403, 407, 261, 378, 280, 400, 290], [1, 300, 301, 302, 303, 304, 305, 2]])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: on a shared 2-core machine a second intra-op thread only adds waiting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,19 +14,12 @@ import torch
 from torch import nn
 
 from ..formats import get_format
+from ..plan import FUSED_SETS
 from ..tensor import QuantizedTensor, dequantize, quantize_tensor, tensor_amax
 from .gptq import gptq_quantize
 from .runner import LayerRun
 
 ALGOS = ("rtn", "gptq")
-# Projections serving stacks fuse into one GEMM; same list as the quantize plan's FUSED_SETS.
-FUSED_SETS = (
-    ("q_proj", "k_proj", "v_proj"),
-    ("gate_proj", "up_proj"),
-    ("w1", "w3"),
-    ("q_a_proj", "kv_a_proj_with_mqa"),
-    ("query", "key", "value"),
-)
 
 
 @dataclass(frozen=True)
