@@ -91,6 +91,33 @@ def quantize_cmd(
         None, "--quantize-lm-head/--keep-lm-head", help="Quantize lm_head too. (default: keep)"),
     device: str = typer.Option(
         None, "--device", help="auto | cuda | cpu. (default: auto = cuda when available)"),
+    calib: str = typer.Option(
+        None, "--calib", help="Calibration text: a local .txt, .jsonl or .parquet (text "
+        "field/column) or a datasets name (online only). Needed by --importance, --algo gptq "
+        "and --scheme w4a4. (default: none, no calibration)"),
+    calib_samples: int = typer.Option(
+        None, "--calib-samples", help="Calibration windows. (default: 128)"),
+    calib_seqlen: int = typer.Option(
+        None, "--calib-seqlen", help="Tokens per calibration window. (default: 2048)"),
+    seed: int = typer.Option(
+        None, "--seed", help="Seed of the window starts; same seed, same bytes. (default: 0)"),
+    importance: bool = typer.Option(
+        None, "--importance/--no-importance", help="Selectors minimize the error weighted by "
+        "E[x²] of each Linear's input channels. (default: off)"),
+    algo: str = typer.Option(
+        None, "--algo", help="rtn | gptq: GPTQ error feedback through the layer Hessian. "
+        "(default: rtn)"),
+    gptq_scales: str = typer.Option(
+        None, "--gptq-scales", help="lazy | static: GPTQ picks a group's scale when it reaches "
+        "it (lazy) or all up front from the original weights. (default: lazy)"),
+    damp: float = typer.Option(
+        None, "--damp", help="GPTQ damping: damp x mean(diag H). (default: 0.01)"),
+    act_order: bool = typer.Option(
+        None, "--act-order/--no-act-order", help="GPTQ visits columns by decreasing diag H. "
+        "(default: off)"),
+    scheme: str = typer.Option(
+        None, "--scheme", help="w4a16 | w4a4: w4a4 also writes static activation global "
+        "scales (nvfp4 block 16, compressed-tensors or modelopt). (default: w4a16)"),
     recipe: Path = typer.Option(  # noqa: B008
         None, "--recipe", help="YAML file whose keys are these flags (e.g. recipes/"
         "nvfp4-search.yaml); flags on the command line override it. (default: none)"),
@@ -109,6 +136,9 @@ def quantize_cmd(
         "model": model, "format": format, "scale": scale, "out": out,
         "block-size": block_size, "dialect": dialect, "ignore": list(ignore or []),
         "quantize-lm-head": quantize_lm_head, "device": device,
+        "calib": calib, "calib-samples": calib_samples, "calib-seqlen": calib_seqlen,
+        "seed": seed, "importance": importance, "algo": algo, "gptq-scales": gptq_scales,
+        "damp": damp, "act-order": act_order, "scheme": scheme,
     }
     guarded(quantize_main, cli, recipe, dry_run, overwrite, resume, as_json)
 

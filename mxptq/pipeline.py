@@ -25,7 +25,7 @@ from .checkpoint.report import write_report
 from .checkpoint.safetensors_io import INDEX_NAME, ShardWriter, read_tensor, write_index
 from .errors import MxptqError
 from .plan import Item, Plan
-from .tensor import dequantize, quantize_tensor
+from .tensor import QuantizedTensor, dequantize, quantize_tensor
 
 STATE_NAME = ".mxptq-state.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -36,12 +36,23 @@ _READ_THREADS = 4
 
 
 @dataclass
+class CalibData:
+    """What calibration hands the streaming pass, keyed by output module name."""
+
+    importance: dict[str, torch.Tensor] = field(default_factory=dict)  # E[x²] (--importance)
+    gptq: dict[str, QuantizedTensor] = field(default_factory=dict)  # written instead of RTN
+    acts: dict = field(default_factory=dict)  # W4A4: module -> ActivationScale
+    summary: dict = field(default_factory=dict)  # recorded in the report
+
+
+@dataclass
 class RunOptions:
     out: Path
     device: str = "auto"
     overwrite: bool = False
     resume: bool = False
     flags: dict = field(default_factory=dict)  # recorded in the report and the resume signature
+    calib: CalibData | None = None
 
 
 @dataclass
@@ -120,20 +131,36 @@ def signature(plan: Plan, flags: dict) -> str:
 class Quantizer:
     """Quantize the items of a bundle on the device; returns output tensors and statistics."""
 
-    def __init__(self, plan: Plan, device: torch.device):
+    def __init__(self, plan: Plan, device: torch.device, calib: CalibData | None = None):
         self.plan, self.device, self.backend = plan, device, _backend(device)
+        self.calib = calib or CalibData()
 
-    def _one(self, w: torch.Tensor, name: str, amax) -> tuple:
-        try:
-            qt = quantize_tensor(
-                w, self.plan.fmt, self.plan.scale, global_amax=amax, backend=self.backend
-            )
-        except ValueError as e:
-            raise MxptqError(f"tensor {name}: {e}") from e
+    def _one(self, w: torch.Tensor, name: str, module: str, amax) -> tuple:
+        """RTN (importance-weighted when calibration gave one) unless GPTQ already chose the
+        bytes; the error is measured against the original weight either way."""
+        qt = self.calib.gptq.get(module)
+        if qt is None:
+            imp = self.calib.importance.get(module)
+            try:
+                qt = quantize_tensor(
+                    w, self.plan.fmt, self.plan.scale,
+                    importance=None if imp is None else imp.to(self.device),
+                    global_amax=amax, backend=self.backend,
+                )
+            except ValueError as e:
+                raise MxptqError(f"tensor {name}: {e}") from e
         wf = w.float()
         den = float((wf * wf).sum())
-        err = float(((wf - dequantize(qt)) ** 2).sum())
+        err = float(((wf - dequantize(qt).to(wf.device)) ** 2).sum())
         return qt.to("cpu"), err, den
+
+    def _write(self, module: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+        """The dialect's tensors of one Linear, plus its activation scale under W4A4."""
+        d = self.plan.dialect
+        out = d.tensors(module, qt)
+        if self.plan.w4a4:
+            out.update(d.input_tensors(module, self.calib.acts[module]))
+        return out
 
     def run(self, b: _Bundle) -> tuple[dict[str, torch.Tensor], list[dict]]:
         dev = [t.to(self.device, non_blocking=True) for t in b.tensors]
@@ -144,16 +171,17 @@ class Quantizer:
                 amax = torch.maximum(amax, torch.tensor(b.partner_amax, device=self.device))
         out: dict[str, torch.Tensor] = {}
         stats: list[dict] = []
-        d = self.plan.dialect
         for it, w in zip(b.items, dev, strict=True):
             if it.layout is None:
-                qt, err, den = self._one(w, it.name, amax)
-                out.update(d.tensors(it.modules[0], qt))
+                qt, err, den = self._one(w, it.name, it.modules[0], amax)
+                out.update(self._write(it.modules[0], qt))
             else:
                 err = den = 0.0
                 for e in range(w.shape[0]):
                     we = w[e] if it.layout == "out_in" else w[e].t().contiguous()
-                    qt, e_err, e_den = self._one(we, f"{it.name}[{e}]", None)
+                    # gate and up of one expert share its input, hence the first's importance
+                    mod = it.modules[e * it.split]
+                    qt, e_err, e_den = self._one(we, f"{it.name}[{e}]", mod, None)
                     err, den = err + e_err, den + e_den
                     rows = qt.codes.shape[0] // it.split
                     for j in range(it.split):
@@ -163,7 +191,7 @@ class Quantizer:
                             qt.global_scale,
                             qt.format,
                         )
-                        out.update(d.tensors(it.modules[e * it.split + j], part))
+                        out.update(self._write(it.modules[e * it.split + j], part))
             stats.append(
                 {"name": it.name, "shape": list(it.info.shape), "group": it.group,
                  "rel_mse": err / den if den else 0.0}
@@ -299,7 +327,7 @@ def run(
     todo = [s for s in plan.shards if s.name not in state["done"]]
     fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)
 
-    quant = Quantizer(plan, device)
+    quant = Quantizer(plan, device, opts.calib)
     q: queue.Queue = queue.Queue(maxsize=_PREFETCH_BUNDLES)
     stop = threading.Event()
     pin = device.type == "cuda"
@@ -364,12 +392,16 @@ def finalize(plan, opts, tmp, names, state, seconds, device) -> dict:
     write_index(tmp, weight_map, total)
     _copy_side_files(plan.model_dir, tmp)
     config = json.loads((plan.model_dir / "config.json").read_text())
-    config["quantization_config"] = plan.dialect.config(plan.fmt, plan.scale, plan.ignore)
+    config["quantization_config"] = plan.dialect.config(
+        plan.fmt, plan.scale, plan.ignore, plan.w4a4
+    )
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for fname, content in plan.dialect.extra_files(plan.fmt, plan.ignore).items():
+    for fname, content in plan.dialect.extra_files(plan.fmt, plan.ignore, plan.w4a4).items():
         (tmp / fname).write_text(json.dumps(content, indent=2) + "\n")
     stats = [s for v in state["done"].values() for s in v["stats"]]
-    report = write_report(tmp, plan, opts.flags, stats, state, seconds, str(device), __version__)
+    calib = opts.calib.summary if opts.calib else None
+    report = write_report(tmp, plan, opts.flags, stats, state, seconds, str(device), __version__,
+                          calib)
     (tmp / STATE_NAME).unlink(missing_ok=True)
     out = opts.out
     if out.exists():

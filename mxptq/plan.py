@@ -57,6 +57,7 @@ class Plan:
     dialect: Dialect
     ignore: list[str]  # Linear modules left dense, as written into the config
     groups: dict[str, list[str]]  # group -> input tensor names
+    w4a4: bool = False  # also write each quantized Linear's static activation global scale
 
     def by_shard(self) -> dict[str, list[Item]]:
         out: dict[str, list[Item]] = defaultdict(list)
@@ -77,6 +78,8 @@ class Plan:
         out: dict[str, tuple[str, tuple]] = {}
         for m in item.modules:
             out.update(self.dialect.specs(m, self.fmt, n, k))
+            if self.w4a4:
+                out.update(self.dialect.input_specs(m))
         return out
 
     def bytes_out(self, item: Item) -> int:
@@ -213,9 +216,12 @@ def build_plan(
     dialect: Dialect,
     ignore: list[str] | None = None,
     quantize_lm_head: bool = False,
+    w4a4: bool = False,
 ) -> Plan:
     """Read headers and config only; decide everything; raise MxptqError on what cannot work."""
     dialect.check(fmt)
+    if w4a4:
+        dialect.check_w4a4(fmt)
     ignore = list(ignore or [])
     shards = list_shards(model_dir)
     infos = read_tensors(shards)
@@ -225,7 +231,7 @@ def build_plan(
     kept_linear = _dense_linears(items, sk)
     if not any(it.action == "quantize" for it in items):
         raise MxptqError(f"{model_dir}: no Linear weight can be quantized with {fmt.name}")
-    return Plan(model_dir, shards, items, fmt, scale, dialect, kept_linear, groups)
+    return Plan(model_dir, shards, items, fmt, scale, dialect, kept_linear, groups, w4a4)
 
 
 def _dense_linears(items: list[Item], sk: Skeleton) -> list[str]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -22,11 +24,16 @@ from rich.table import Table
 from .checkpoint.dialects import default_dialect, get_dialect
 from .errors import MxptqError
 from .formats import FORMATS, get_format
-from .pipeline import RunOptions, partial_dir, run
+from .pipeline import CalibData, RunOptions, partial_dir, resolve_device, run
 from .plan import Plan, build_plan
 from .recipes import load_recipe, merge
 from .scales import SELECTORS
 from .source import resolve_model
+
+CALIB_KEYS = ("calib", "calib-samples", "calib-seqlen", "seed", "importance", "algo",
+              "gptq-scales", "damp", "act-order", "scheme")
+_CHOICES = {"algo": ("rtn", "gptq"), "gptq-scales": ("lazy", "static"),
+            "scheme": ("w4a16", "w4a4")}
 
 
 def _gib(n: int) -> str:
@@ -56,7 +63,29 @@ def resolve_options(cli: dict, recipe: Path | None) -> dict:
         resolve_selector(fmt, opts["scale"])
     except ValueError as e:
         raise MxptqError(f"--scale {opts['scale']} with --format {fmt.name}: {e}") from e
+    check_calibration(opts)
     return opts
+
+
+def check_calibration(opts: dict) -> None:
+    """The calibration flags, before any heavy work: each one that uses calibration needs
+    --calib, and --calib alone would calibrate for nothing."""
+    for key, choices in _CHOICES.items():
+        if opts[key] not in choices:
+            raise MxptqError(f"unknown --{key} {opts[key]!r} (one of {', '.join(choices)})")
+    uses = [f for f, on in (("--importance", opts["importance"]),
+                            ("--algo gptq", opts["algo"] == "gptq"),
+                            ("--scheme w4a4", opts["scheme"] == "w4a4")) if on]
+    if uses and not opts["calib"]:
+        raise MxptqError(f"{' and '.join(uses)} need(s) --calib SOURCE (calibration text)")
+    if opts["calib"] and not uses:
+        raise MxptqError("--calib is used only with --importance, --algo gptq or --scheme w4a4")
+    if int(opts["calib-samples"]) < 1 or int(opts["calib-seqlen"]) < 2:
+        raise MxptqError("--calib-samples must be at least 1 and --calib-seqlen at least 2")
+    if not float(opts["damp"]) > 0:
+        raise MxptqError(f"--damp {opts['damp']}: must be positive")
+    if opts["scheme"] == "w4a4":
+        get_dialect(opts["dialect"]).check_w4a4(opts["fmt"])
 
 
 def plan_table(plan: Plan) -> Table:
@@ -89,6 +118,9 @@ def summary_table(report: dict, out: Path) -> Table:
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     t.add_row("checkpoint size", _gib(size))
     t.add_row("wall time", f"{report['timings']['total_s']:.1f} s")
+    if report["calibration"]:
+        c = report["calibration"]
+        t.add_row("calibration", f"{c['tokens']:,} tokens, {c['seconds']:.1f} s")
     t.add_row("device", report["device"])
     return t
 
@@ -104,7 +136,7 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
         raise MxptqError(f"--out {out}: must not be the input folder or inside it")
     plan = build_plan(
         model_dir, opts["fmt"], opts["scale"], get_dialect(opts["dialect"]),
-        opts["ignore"], bool(opts["quantize-lm-head"]),
+        opts["ignore"], bool(opts["quantize-lm-head"]), opts["scheme"] == "w4a4",
     )
     console.print(plan_table(plan))
     if dry_run:
@@ -112,9 +144,14 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
             print(json.dumps({"plan": plan.summary()}, indent=2))
         return
     flags = {k: opts[k] for k in ("format", "scale", "block-size", "dialect", "ignore",
-                                  "quantize-lm-head", "device")}
+                                  "quantize-lm-head", "device", *CALIB_KEYS)}
     flags["model"] = str(opts["model"])
-    ropts = RunOptions(out, opts["device"], overwrite, resume, flags)
+    calib = None
+    if opts["calib"]:
+        calib = run_calibration(plan, opts)
+        for note in calib.summary["notes"]:
+            console.print(f"note: {note}")
+    ropts = RunOptions(out, opts["device"], overwrite, resume, flags, calib)
     total = plan.summary()
     with Progress(
         TextColumn("[bold]quantize"), BarColumn(), TaskProgressColumn(),
@@ -141,6 +178,95 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
     if as_json:
         print(json.dumps({"plan": plan.summary(), "out": str(out), "error": report["error"],
                           "timings": report["timings"]}, indent=2))
+
+
+def _fill_empty_amax(stats: dict) -> None:
+    """An expert that saw no token has input amax 0 (an infinite activation scale): it takes
+    the largest amax of the same projection of its sibling experts."""
+    key = {n: re.sub(r"\.experts\.\d+\.", ".experts.*.", n) for n in stats}
+    best: dict[str, float] = {}
+    for n, s in stats.items():
+        best[key[n]] = max(best.get(key[n], 0.0), s.amax)
+    for n, s in stats.items():
+        if s.amax == 0:
+            s.amax = best[key[n]]
+
+
+def run_calibration(plan: Plan, opts: dict) -> CalibData:
+    """Calibrate once before streaming: per-Linear input statistics (importance, W4A4 amax)
+    and, with --algo gptq, the GPTQ result of every 2-D Linear the plan quantizes, held in
+    host memory until its shard is written."""
+    from transformers import AutoTokenizer
+
+    from .calibration import (
+        CalibOptions,
+        activation_scales,
+        calibrate,
+        fused_groups,
+        load_calibration,
+        quantize_layer,
+    )
+
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(plan.model_dir)
+    ids = load_calibration(opts["calib"], tok, int(opts["calib-samples"]),
+                           int(opts["calib-seqlen"]), int(opts["seed"]))
+    planned = [m for it in plan.items if it.action == "quantize" for m in it.modules]
+    linears = {it.modules[0] for it in plan.items if it.action == "quantize" and not it.layout}
+    gptq = opts["algo"] == "gptq"
+    copts = CalibOptions(
+        format=opts["format"], scale=opts["scale"], block_size=opts["block-size"],
+        importance=bool(opts["importance"]), algo=opts["algo"],
+        gptq_scales=opts["gptq-scales"], damp=float(opts["damp"]),
+        act_order=bool(opts["act-order"]),
+    )
+    data = CalibData()
+    stats: dict = {}
+
+    def on_layer(run) -> None:
+        if gptq:
+            done = quantize_layer(run, copts, linears)
+            data.gptq.update({n: qt.to("cpu") for n, qt in done.items()})
+        for n, st in run.stats.items():
+            st.xtx = None  # the Hessian is used up; keep E[x²] and amax only
+            stats[n] = st.to("cpu")
+
+    calibrate(plan.model_dir, ids, device=resolve_device(opts["device"]), hessian=gptq,
+              on_layer=on_layer, sequential=gptq, keep_stats=False)
+    stats = {m: stats[m] for m in planned if m in stats}
+    if opts["importance"]:
+        data.importance = {m: s.second_moment() for m, s in stats.items() if s.tokens}
+    notes = _notes(planned, stats, data, opts)
+    if opts["scheme"] == "w4a4":
+        _fill_empty_amax(stats)
+        data.acts = activation_scales(stats, fused_groups(list(stats)))
+    data.summary = {
+        "tokens": int(ids.numel()), "windows": list(ids.shape), "linears": len(stats),
+        "empty": sorted(m for m, s in stats.items() if s.tokens == 0),
+        "gptq": len(data.gptq), "notes": notes, "seconds": time.perf_counter() - t0,
+    }
+    return data
+
+
+def _notes(planned: list[str], stats: dict, data: CalibData, opts: dict) -> list[str]:
+    """What calibration could not cover; a W4A4 Linear without statistics is an error."""
+    missing = [m for m in planned if m not in stats]
+    if missing and opts["scheme"] == "w4a4":
+        raise MxptqError(
+            f"--scheme w4a4: {missing[0]} got no calibration statistics (it is outside the "
+            "decoder layers); keep it dense with --ignore or --keep-lm-head"
+        )
+    notes = []
+    empty = [m for m in planned if m not in data.importance]
+    if opts["importance"] and empty:
+        notes.append(f"{len(empty)} quantized Linears saw no calibration token (unrouted "
+                     f"experts, or outside the decoder layers, e.g. {empty[0]}): plain RTN")
+    if opts["algo"] == "gptq":
+        rtn = [m for m in planned if m not in data.gptq]
+        if rtn:
+            notes.append(f"{len(rtn)} quantized Linears (fused 3-D experts or without "
+                         f"statistics, e.g. {rtn[0]}) use RTN instead of GPTQ")
+    return notes
 
 
 def fail(msg: str, code: int = 2) -> None:

@@ -19,6 +19,17 @@ DEFAULTS: dict = {
     "device": "auto",
     "model": None,
     "out": None,
+    # calibration (docs/calibration.md)
+    "calib": None,
+    "calib-samples": 128,
+    "calib-seqlen": 2048,
+    "seed": 0,
+    "importance": False,
+    "algo": "rtn",
+    "gptq-scales": "lazy",
+    "damp": 0.01,
+    "act-order": False,
+    "scheme": "w4a16",
 }
 KEYS = tuple(DEFAULTS)
 

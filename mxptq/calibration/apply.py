@@ -8,6 +8,7 @@ calibrated on what the quantized model computes.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -82,13 +83,18 @@ def quantize_linear(
                            global_amax=global_amax)
 
 
-def quantize_layer(run: LayerRun, opts: CalibOptions) -> dict[str, QuantizedTensor]:
+def quantize_layer(
+    run: LayerRun, opts: CalibOptions, include: Collection[str] | None = None
+) -> dict[str, QuantizedTensor]:
     """Quantize the dense Linears of one layer in place; returns their QuantizedTensors (by
-    full module name). Linears whose input width the block does not divide stay dense."""
+    full module name). Linears whose input width the block does not divide stay dense, and so
+    do those not in `include` when given (what a quantize plan keeps must stay exact for the
+    layers calibrated after it)."""
     block = get_format(opts.format, opts.block_size).block_size
     linears = {
         f"{run.prefix}.{n}": m for n, m in run.layer.named_modules()
         if isinstance(m, nn.Linear) and m.in_features % block == 0
+        and (include is None or f"{run.prefix}.{n}" in include)
     }
     names = list(linears)
     own = {n: tensor_amax(m.weight.detach()) for n, m in linears.items()}  # before any change

@@ -31,13 +31,28 @@ class Dialect:
     def tensors(self, module: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def check_w4a4(self, fmt: Format) -> None:
+        """Raise MxptqError unless this dialect can store NVFP4 activation scales for `fmt`."""
+        raise MxptqError(
+            f"--scheme w4a4: dialect {self.name} does not store activation scales; "
+            "use --dialect compressed-tensors or modelopt"
+        )
+
+    def input_specs(self, module: str) -> dict[str, tuple[str, tuple]]:
+        """Name -> (dtype, shape) of the W4A4 activation scale of one Linear."""
+        raise NotImplementedError
+
+    def input_tensors(self, module: str, act) -> dict[str, torch.Tensor]:
+        """The W4A4 activation scale tensors of one Linear from its `ActivationScale`."""
+        raise NotImplementedError
+
     def read(self, module: str, get: Callable[[str], torch.Tensor], fmt: Format) -> QuantizedTensor:
         raise NotImplementedError
 
-    def config(self, fmt: Format, scale: str, ignore: list[str]) -> dict:
+    def config(self, fmt: Format, scale: str, ignore: list[str], w4a4: bool = False) -> dict:
         raise NotImplementedError
 
-    def extra_files(self, fmt: Format, ignore: list[str]) -> dict[str, dict]:
+    def extra_files(self, fmt: Format, ignore: list[str], w4a4: bool = False) -> dict[str, dict]:
         """Further JSON files to write next to config.json."""
         return {}
 
@@ -62,8 +77,17 @@ def _g1(qt: QuantizedTensor) -> torch.Tensor:
     return qt.global_scale.reshape(1).float()
 
 
+def _check_nvfp4_w4a4(fmt: Format) -> None:
+    if not (fmt.scale is E4M3 and fmt.block_size == 16 and fmt.has_global):
+        raise MxptqError(
+            f"--scheme w4a4 needs nvfp4 with block 16 (E4M3 block scales, fp32 global), "
+            f"not {fmt.name} block {fmt.block_size}"
+        )
+
+
 class CompressedTensors(Dialect):
-    """compressed-tensors `nvfp4-pack-quantized` / `mxfp4-pack-quantized` (weight-only)."""
+    """compressed-tensors `nvfp4-pack-quantized` / `mxfp4-pack-quantized`: weight-only, or
+    NVFP4 W4A4 with a static `input_global_scale` per Linear."""
 
     name = "compressed-tensors"
 
@@ -86,6 +110,15 @@ class CompressedTensors(Dialect):
             out[f"{module}.weight_global_scale"] = _g1(qt)
         return out
 
+    def check_w4a4(self, fmt: Format) -> None:
+        _check_nvfp4_w4a4(fmt)
+
+    def input_specs(self, module):
+        return {f"{module}.input_global_scale": ("F32", (1,))}
+
+    def input_tensors(self, module, act):
+        return {f"{module}.{k}": v for k, v in act.compressed_tensors().items()}
+
     def read(self, module, get, fmt):
         g = get(f"{module}.weight_global_scale").reshape(()).float() if fmt.has_global else None
         scales = get(f"{module}.weight_scale")
@@ -97,7 +130,7 @@ class CompressedTensors(Dialect):
     def _ct_format(fmt: Format) -> str:
         return "nvfp4-pack-quantized" if fmt.has_global else "mxfp4-pack-quantized"
 
-    def config(self, fmt, scale, ignore):
+    def config(self, fmt, scale, ignore, w4a4=False):
         nv = fmt.has_global
         weights = {
             "actorder": None,
@@ -113,9 +146,12 @@ class CompressedTensors(Dialect):
             "type": "float",
             "zp_dtype": None,
         }
+        acts = None
+        if w4a4:  # the NVFP4 preset (formats.md §2.2): dynamic block scales, static global
+            acts = dict(weights, dynamic="local", observer="static_minmax")
         group = {
             "format": self._ct_format(fmt),
-            "input_activations": None,
+            "input_activations": acts,
             "output_activations": None,
             "targets": ["Linear"],
             "weights": weights,
@@ -141,10 +177,10 @@ class CompressedTensors(Dialect):
 
 
 class ModelOpt(Dialect):
-    """TensorRT Model Optimizer NVFP4 export, weight-only (W4A16_NVFP4)."""
+    """TensorRT Model Optimizer NVFP4 export: weight-only (W4A16_NVFP4) or W4A4 (NVFP4, with a
+    static `input_scale` per Linear)."""
 
     name = "modelopt"
-    quant_algo = "W4A16_NVFP4"
 
     def check(self, fmt: Format) -> None:
         if not (fmt.scale is E4M3 and fmt.block_size == 16 and fmt.has_global):
@@ -159,6 +195,15 @@ class ModelOpt(Dialect):
             f"{module}.weight_scale": ("F8_E4M3", (n, k // fmt.block_size)),
             f"{module}.weight_scale_2": ("F32", ()),
         }
+
+    def check_w4a4(self, fmt: Format) -> None:
+        _check_nvfp4_w4a4(fmt)
+
+    def input_specs(self, module):
+        return {f"{module}.input_scale": ("F32", ())}
+
+    def input_tensors(self, module, act):
+        return {f"{module}.{k}": v for k, v in act.modelopt().items()}
 
     def tensors(self, module, qt):
         return {
@@ -175,25 +220,30 @@ class ModelOpt(Dialect):
     def _producer(self) -> dict:
         return {"name": "modelopt", "version": f"mxptq-{__version__}"}
 
-    def config(self, fmt, scale, ignore):
+    @staticmethod
+    def _algo(w4a4: bool) -> str:
+        return "NVFP4" if w4a4 else "W4A16_NVFP4"
+
+    def config(self, fmt, scale, ignore, w4a4=False):
         w = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
+        acts = dict(w) if w4a4 else None
         return {
             "config_groups": {
-                "group_0": {"input_activations": None, "weights": w, "targets": ["Linear"]}
+                "group_0": {"input_activations": acts, "weights": w, "targets": ["Linear"]}
             },
             "ignore": ignore,
-            "quant_algo": self.quant_algo,
+            "quant_algo": self._algo(w4a4),
             "kv_cache_scheme": None,
             "producer": self._producer(),
             "quant_method": "modelopt",
         }
 
-    def extra_files(self, fmt, ignore):
+    def extra_files(self, fmt, ignore, w4a4=False):
         return {
             "hf_quant_config.json": {
                 "producer": self._producer(),
                 "quantization": {
-                    "quant_algo": self.quant_algo,
+                    "quant_algo": self._algo(w4a4),
                     "kv_cache_quant_algo": None,
                     "group_size": 16,
                     "exclude_modules": ignore,
@@ -219,7 +269,7 @@ class Native(Dialect):
     def read(self, module, get, fmt):
         return CompressedTensors.read(self, module, get, fmt)
 
-    def config(self, fmt, scale, ignore):
+    def config(self, fmt, scale, ignore, w4a4=False):
         return {
             "quant_method": "mxptq",
             "version": 1,

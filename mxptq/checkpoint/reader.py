@@ -47,12 +47,14 @@ def read_checkpoint(folder: str | Path) -> dict[str, QuantizedTensor]:
 
 
 def read_dense(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors kept dense (not part of any quantized Linear), by name."""
+    """The tensors kept dense (not part of any quantized Linear, W4A4 input scales included),
+    by name."""
     folder = Path(folder)
     q = read_checkpoint(folder)
     d, _ = checkpoint_format(folder)
-    suffixes = (".weight", ".weight_scale", ".weight_scale_2") if d == "modelopt" else (
-        ".weight_packed", ".weight_scale", ".weight_global_scale")
+    suffixes = (".weight", ".weight_scale", ".weight_scale_2", ".input_scale") if (
+        d == "modelopt") else (".weight_packed", ".weight_scale", ".weight_global_scale",
+                               ".input_global_scale")
     taken = {m + s for m in q for s in suffixes}
     out = {}
     for p in list_shards(folder):

@@ -44,7 +44,8 @@ def peak_memory() -> dict:
     return m
 
 
-def write_report(folder: Path, plan, flags, stats, state, seconds, device, version) -> dict:
+def write_report(folder: Path, plan, flags, stats, state, seconds, device, version,
+                 calibration: dict | None = None) -> dict:
     rel = sorted(s["rel_mse"] for s in stats)
     report = {
         "versions": versions(version),
@@ -62,6 +63,7 @@ def write_report(folder: Path, plan, flags, stats, state, seconds, device, versi
             "rel_mse_max": rel[-1] if rel else 0.0,
         },
         "tensors": sorted(stats, key=lambda s: s["name"]),
+        "calibration": calibration,
         "memory": peak_memory(),
         "timings": {
             "total_s": seconds,

@@ -1,0 +1,174 @@
+"""`mxptq quantize` with calibration: importance weighting, GPTQ, W4A4 input scales, flag
+checks, determinism and resume (stories260K, 8 windows of 64 tokens, CPU)."""
+
+import json
+
+import pytest
+import torch
+from quant_helpers import ASSETS, STORIES, dense_state
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from mxptq.calibration import CalibOptions, calibrate, load_calibration, quantize_layer
+from mxptq.checkpoint import read_checkpoint
+from mxptq.cli import app
+from mxptq.evaluate import perplexity
+from mxptq.pipeline import FAIL_AFTER_ENV
+from mxptq.scales import global_encode_scale
+from mxptq.tensor import dequantize
+
+TEXT = ASSETS / "text" / "tinystories"
+CALIB = ["--calib", str(TEXT / "validation_prefix.txt"), "--calib-samples", "8",
+         "--calib-seqlen", "64"]
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def invoke(out, *args):
+    return CliRunner().invoke(app, ["quantize", "--model", str(STORIES), "--out", str(out),
+                                    *map(str, args)])
+
+
+def quantize(out, *args):
+    r = invoke(out, *args)
+    assert r.exit_code == 0, r.output + r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def ids():
+    tok = AutoTokenizer.from_pretrained(STORIES)
+    return load_calibration(TEXT / "validation_prefix.txt", tok, 8, 64, 0)
+
+
+@pytest.fixture(scope="module")
+def stats(ids):
+    return calibrate(STORIES, ids).stats
+
+
+def weighted_error(qdir, stats) -> dict[str, float]:
+    """Σ_k E[x_k²] (w − ŵ)² per quantized Linear, against the original weights."""
+    orig = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).state_dict()
+    return {m: float((stats[m].second_moment() * (orig[f"{m}.weight"] - dequantize(qt)) ** 2)
+                     .sum()) for m, qt in read_checkpoint(qdir).items()}
+
+
+@pytest.mark.parametrize("args", [
+    ["--importance"],
+    ["--algo", "gptq"],
+    ["--scheme", "w4a4"],
+    CALIB,
+    [*CALIB, "--scheme", "w4a4", "--dialect", "native"],
+    [*CALIB, "--scheme", "w4a4", "--format", "mxfp4"],
+    [*CALIB, "--algo", "bogus"],
+    [*CALIB, "--importance", "--damp", "0"],
+])
+def test_bad_flag_combinations_fail_in_one_line(tmp_path, args):
+    r = invoke(tmp_path / "o", *args)
+    assert r.exit_code == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_importance_lowers_the_weighted_error(tmp_path, stats):
+    plain = quantize(tmp_path / "plain")
+    imp = quantize(tmp_path / "imp", *CALIB, "--importance")
+    assert (plain / "model.safetensors").read_bytes() != (imp / "model.safetensors").read_bytes()
+    ep, ei = weighted_error(plain, stats), weighted_error(imp, stats)
+    assert all(ei[m] <= ep[m] * (1 + 1e-6) for m in ep)  # per block the optimum of its metric
+    assert sum(ei.values()) < sum(ep.values())
+    rep = json.loads((imp / "mxptq_report.json").read_text())
+    assert rep["flags"]["importance"] is True and rep["flags"]["calib-samples"] == 8
+    assert rep["calibration"]["tokens"] == 8 * 64 and rep["calibration"]["empty"] == []
+
+
+def test_same_seed_same_bytes(tmp_path):
+    a = quantize(tmp_path / "a", *CALIB, "--importance")
+    b = quantize(tmp_path / "b", *CALIB, "--importance")
+    c = quantize(tmp_path / "c", *CALIB, "--importance", "--seed", "1")
+    data = [(p / "model.safetensors").read_bytes() for p in (a, b, c)]
+    assert data[0] == data[1] != data[2]
+
+
+def test_gptq_writes_the_library_result_and_beats_rtn(tmp_path, ids):
+    out = quantize(tmp_path / "g", *CALIB, "--algo", "gptq", "--importance")
+    opts = CalibOptions(format="nvfp4", scale="search", importance=True, algo="gptq")
+    lib = {}
+    calibrate(STORIES, ids, hessian=True, keep_stats=False,
+              on_layer=lambda run: lib.update(quantize_layer(run, opts)))
+    got = read_checkpoint(out)
+    assert sorted(got) == sorted(lib) and len(got) == 30
+    for m, qt in lib.items():
+        assert torch.equal(got[m].codes, qt.codes), m
+        assert torch.equal(got[m].scales.view(torch.uint8), qt.scales.view(torch.uint8)), m
+        assert torch.equal(got[m].global_scale, qt.global_scale), m
+
+    rtn = quantize(tmp_path / "r", "--scale", "absmax")
+    tok = AutoTokenizer.from_pretrained(STORIES)
+    docs = (TEXT / "validation_100.txt").read_text().split("<|endoftext|>")[:10]
+    text = tmp_path / "ten.txt"
+    text.write_text("<|endoftext|>".join(docs))
+    models = {d.name: AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
+              for d in (out, rtn)}  # compressed-tensors decompresses to bf16 on CPU
+    ppl = {k: perplexity(m, tok, text).value for k, m in models.items()}
+    assert ppl["g"] < ppl["r"]
+
+
+def _set_max(stats, parent: str, leaves) -> float:
+    return max(stats[f"{parent}.{leaf}"].amax for leaf in leaves)
+
+
+def test_w4a4_compressed_tensors_shares_input_scales_and_loads(tmp_path, stats):
+    out = quantize(tmp_path / "w", *CALIB, "--scheme", "w4a4")
+    sd = load_file(out / "model.safetensors")
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    acts = cfg["config_groups"]["group_0"]["input_activations"]
+    assert acts["dynamic"] == "local" and acts["observer"] == "static_minmax"
+    assert acts["strategy"] == "tensor_group" and acts["group_size"] == 16
+    for i in range(5):
+        for parent, leaves in ((f"model.layers.{i}.self_attn", QKV),
+                               (f"model.layers.{i}.mlp", ("gate_proj", "up_proj")),
+                               (f"model.layers.{i}.self_attn", ("o_proj",))):
+            want = global_encode_scale(torch.tensor(_set_max(stats, parent, leaves)), 448)
+            for leaf in leaves:
+                t = sd[f"{parent}.{leaf}.input_global_scale"]
+                assert t.dtype == torch.float32 and t.shape == (1,)
+                assert torch.equal(t, want.reshape(1)), f"{parent}.{leaf}"
+        assert f"model.layers.{i}.mlp.down_proj.input_global_scale" not in sd  # stays dense
+
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    with torch.no_grad():  # compressed-tensors decompresses on the first forward
+        logits = loaded(torch.tensor([[1, 403, 407, 261, 378, 280, 400, 290]])).logits
+    assert torch.isfinite(logits).all()
+    lsd = loaded.state_dict()
+    ref = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.bfloat16)
+    for k, v in dense_state(ref, out).items():
+        assert torch.equal(lsd[k], v), k
+    for k, v in sd.items():
+        if k.endswith("input_global_scale"):
+            assert torch.equal(lsd[k].float().reshape(1), v), k
+
+
+def test_w4a4_modelopt_input_scale(tmp_path, stats):
+    out = quantize(tmp_path / "m", *CALIB, "--scheme", "w4a4", "--dialect", "modelopt")
+    sd = load_file(out / "model.safetensors")
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    hf = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
+    assert cfg["quant_algo"] == hf["quant_algo"] == "NVFP4"
+    assert cfg["config_groups"]["group_0"]["input_activations"]["num_bits"] == 4
+    t = sd["model.layers.2.self_attn.k_proj.input_scale"]
+    assert t.dtype == torch.float32 and t.shape == ()
+    amax = _set_max(stats, "model.layers.2.self_attn", QKV)
+    assert float(t) == pytest.approx(amax / 2688, rel=1e-6)
+    assert torch.equal(t, sd["model.layers.2.self_attn.q_proj.input_scale"])
+    assert len(read_checkpoint(out)) == 30
+
+
+def test_resume_refuses_other_calibration_flags(tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    monkeypatch.setenv(FAIL_AFTER_ENV, "1")
+    assert invoke(out, *CALIB, "--importance").exit_code != 0
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    r = invoke(out, *CALIB, "--importance", "--seed", "3", "--resume")
+    assert r.exit_code == 2 and "other flags" in r.stderr
