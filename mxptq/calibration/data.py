@@ -68,7 +68,8 @@ def load_calibration(
     """
     if n_samples < 1 or seqlen < 2:
         raise MxptqError("need at least 1 calibration sample of at least 2 tokens")
-    ids = tokenizer(load_text(source), add_special_tokens=False).input_ids
+    # verbose=False: the whole text is longer than the model context on purpose; no warning
+    ids = tokenizer(load_text(source), add_special_tokens=False, verbose=False).input_ids
     if len(ids) < seqlen:
         raise MxptqError(f"calibration text has {len(ids)} tokens, fewer than seqlen {seqlen}")
     ids = torch.tensor(ids, dtype=torch.long)
