@@ -21,19 +21,26 @@ console = Console(stderr=True, soft_wrap=True)
 
 
 def load_causal_lm(path: str, what: str):
-    """A causal LM in float32 on CPU, in eval mode; one clear line if transformers cannot load
-    it. compressed-tensors checkpoints decompress to bf16 on CPU (formats.md §13): cast back."""
-    from transformers import AutoModelForCausalLM
+    """A causal LM in float32 on CPU, in eval mode; one clear line if it cannot be loaded.
+    A quantized checkpoint (any dialect we write) goes through mxptq's loader, so the model
+    computes with exactly its bytes; transformers' compressed-tensors path would decompress to
+    bf16 on CPU and refuse a cast back (formats.md §13)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .runtime import load
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(path)
+        if getattr(config, "quantization_config", None) is not None:
+            model = load(path, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise MxptqError(
-            f"{what} {path!r} could not be loaded by transformers' AutoModelForCausalLM "
-            f"({type(e).__name__}: {first})"
+            f"{what} {path!r} could not be loaded as a causal LM ({type(e).__name__}: {first})"
         ) from None
-    return model.float().eval()
+    return model.eval()
 
 
 def run_eval(

@@ -109,3 +109,28 @@ def test_eval_command_unloadable_checkpoint_is_one_clear_line(tmp_path):
                                       "--data", str(EVAL), "--max-seqs", "1"])
     assert res.exit_code == 2
     assert "could not be loaded" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("dialect", ["compressed-tensors", "native"])
+def test_eval_command_on_a_quantized_checkpoint(tmp_path, dialect):
+    """A real `mxptq quantize` output: evaluated with exactly its bytes (our loader)."""
+    from quant_helpers import quantize
+
+    from mxptq import dequantize
+    from mxptq.checkpoint import read_checkpoint
+
+    out = tmp_path / "q"
+    quantize(MODEL, out, "--scale", "absmax", "--dialect", dialect)
+    args = ["--model", str(MODEL), "--quantized", str(out), "--data", str(EVAL),
+            "--max-seqs", "2", "--ctx", "64", "--json"]
+    res = CliRunner().invoke(_app(), args)
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)["results"]["quantized"]
+    dense = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, qt in read_checkpoint(out).items():
+            dense.get_submodule(name).weight.copy_(dequantize(qt))
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    want = perplexity(dense, tok, EVAL, mode="docs", ctx=64, max_sequences=2)
+    assert got["perplexity"]["value"] == pytest.approx(want.value, rel=1e-4)
+    assert got["kl"]["value"] > 0
