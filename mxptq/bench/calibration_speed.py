@@ -1,0 +1,77 @@
+"""Wall time and peak GPU memory of calibration + GPTQ on a synthetic Llama-3.1-8B.
+
+    python -m mxptq.bench.calibration_speed --dir /tmp/mxptq-calib [--samples 128 --seqlen 2048]
+
+Generates the bf16 checkpoint of mxptq.bench.pipeline (Llama-3.1-8B names and shapes, heavy-tailed
+values, four shards), then runs what `mxptq quantize --calib ... --algo gptq --scale search` runs
+before streaming: `calibrate` one decoder layer at a time with Hessians, and `quantize_layer` (GPTQ
+with lazily searched NVFP4 block scales) as its per-layer callback, on random token ids (the
+model's weights are random too, so real text would tell nothing more). One line per layer goes to
+stdout and to --log as it finishes, so an interrupted run still shows its rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mxptq.bench.pipeline import LLAMA_8B, generate
+from mxptq.calibration import CalibOptions, calibrate, quantize_layer
+
+TINY = dict(vocab=1024, hidden=256, inter=512, layers=2, heads=4, kv_heads=2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dir", type=Path, required=True)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=LLAMA_8B["layers"])
+    ap.add_argument("--tiny", action="store_true", help="a small model, for a smoke run")
+    ap.add_argument("--log", type=Path, default=None, help="also append per-layer lines here")
+    a = ap.parse_args()
+    c = dict(TINY if a.tiny else LLAMA_8B, layers=a.layers if not a.tiny else TINY["layers"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    src = a.dir / "model"
+    t0 = time.perf_counter()
+    if not (src / "config.json").exists():
+        generate(src, c, shards=4)
+    t_gen = time.perf_counter() - t0
+    ids = torch.randint(0, c["vocab"], (a.samples, a.seqlen),
+                        generator=torch.Generator().manual_seed(0))
+    opts = CalibOptions(format="nvfp4", scale="search", algo="gptq")
+    results: dict = {}
+    start = time.perf_counter()
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        if a.log:
+            with open(a.log, "a") as f:
+                f.write(line + "\n")
+
+    def on_layer(run) -> None:
+        done = quantize_layer(run, opts)
+        results.update({n: qt.to("cpu") for n, qt in done.items()})
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+        say(f"layer done: {len(results)} linears, {time.perf_counter() - start:.1f} s, "
+            f"peak GPU {peak:.2f} GiB")
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    calibrate(src, ids, device=device, hessian=True, on_layer=on_layer, sequential=True,
+              keep_stats=False)
+    wall = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+    out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+           "torch": torch.__version__, "model": c, "tokens": a.samples * a.seqlen,
+           "generate_s": round(t_gen, 1), "calibrate_gptq_s": round(wall, 1),
+           "peak_gpu_gib": round(peak, 2), "linears": len(results)}
+    say(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
