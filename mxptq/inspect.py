@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .checkpoint.dialects import ModelOpt, dialect_of_config
+from .checkpoint.dialects import Dialect, dialect_of_config
 from .checkpoint.report import REPORT_NAME
 from .checkpoint.safetensors_io import INDEX_NAME, TensorInfo, list_shards, read_header
 from .errors import MxptqError
@@ -149,44 +149,39 @@ def _shard_headers(folder: Path, ins: Inspection) -> dict[str, TensorInfo]:
     return tensors
 
 
-def _names(modelopt: bool, has_global: bool) -> dict[str, str]:
+def _names(dialect: Dialect, has_global: bool) -> dict[str, str]:
     """Role -> tensor suffix for the dialect."""
-    if modelopt:
-        return {"codes": "weight", "scales": "weight_scale", "global": "weight_scale_2"}
-    out = {"codes": "weight_packed", "scales": "weight_scale"}
-    if has_global:
-        out["global"] = "weight_global_scale"
+    out = {"codes": dialect.codes_name, "scales": dialect.scales_name}
+    if has_global or dialect.global_is_decode:  # ModelOpt always stores weight_scale_2
+        out["global"] = dialect.global_name
     return out
 
 
-def _quantized_modules(tensors: dict[str, TensorInfo], modelopt: bool) -> list[str]:
-    """Modules holding any packed tensor (a module missing some of them is still found)."""
+def _quantized_modules(tensors: dict[str, TensorInfo], dialect: Dialect) -> list[str]:
+    """Modules holding any packed tensor (a module missing some of them is still found). A
+    dense ModelOpt-style `weight` is told from packed codes by its dtype."""
     mods = set()
     for t, info in tensors.items():
         mod, _, leaf = t.rpartition(".")
-        if modelopt:
-            hit = leaf in ("weight_scale", "weight_scale_2") or (
-                leaf == "weight" and info.dtype == "U8")
-        else:
-            hit = leaf in ("weight_packed", "weight_scale", "weight_global_scale")
-        if hit:
+        if leaf in (dialect.scales_name, dialect.global_name) or (
+                leaf == dialect.codes_name and (leaf != "weight" or info.dtype == "U8")):
             mods.add(mod)
     return sorted(mods)
 
 
-def _check_layer(mod, tensors, fmt, modelopt, ins) -> Layer | None:
+def _check_layer(mod, tensors, fmt, dialect: Dialect, ins) -> Layer | None:
     """Names, dtypes and shapes of one quantized Linear against the format; None if unusable."""
-    names = _names(modelopt, fmt.has_global)
+    names = _names(dialect, fmt.has_global)
     infos = {}
     for role, suffix in names.items():
         info = tensors.get(f"{mod}.{suffix}")
         if info is None:
             ins.problems.append(f"{mod}: {mod}.{suffix} is missing")
         infos[role] = info
-    if not modelopt and f"{mod}.weight" in tensors:
+    if dialect.codes_name != "weight" and f"{mod}.weight" in tensors:
         ins.problems.append(f"{mod}: has a dense {mod}.weight next to its packed tensors")
-    if not fmt.has_global and f"{mod}.weight_global_scale" in tensors:
-        ins.problems.append(f"{mod}: weight_global_scale present but {fmt.name} has no global")
+    if "global" not in names and f"{mod}.{dialect.global_name}" in tensors:
+        ins.problems.append(f"{mod}: {dialect.global_name} present but {fmt.name} has no global")
     want = {"codes": "U8", "scales": "F8_E4M3" if fmt.scale is E4M3 else "U8", "global": "F32"}
     bad = False
     for role, info in infos.items():
@@ -206,7 +201,7 @@ def _check_layer(mod, tensors, fmt, modelopt, ins) -> Layer | None:
             f"{mod}: scales shape {list(scales.shape)} does not fit codes {list(codes.shape)} "
             f"(expected [{n}, {k // fmt.block_size}] for K={k}, block {fmt.block_size})")
         return None
-    g_shape = () if modelopt else (1,)
+    g_shape = dialect.global_shape
     if g is not None and g.shape != g_shape:
         ins.problems.append(f"{g.name}: shape {list(g.shape)}, expected {list(g_shape)}")
         g = None
@@ -235,11 +230,11 @@ def _bad_scale_bytes(b: torch.Tensor, fmt: Format) -> list[str]:
     return out
 
 
-def _read_values(folder, tensors, layers, fmt, modelopt, ins) -> None:
+def _read_values(folder, tensors, layers, fmt, dialect: Dialect, ins) -> None:
     """Scale codes (histogram and validity) and global scales of every usable layer."""
     handles = {}
     for lay in layers:
-        scale_name = f"{lay.name}.{_names(modelopt, False)['scales']}"
+        scale_name = f"{lay.name}.{dialect.scales_name}"
         for role, name in (("scales", scale_name), ("global", lay.global_name)):
             info = tensors.get(name or "")
             if info is None:
@@ -343,18 +338,17 @@ def inspect_checkpoint(folder: str | Path, original: str | Path | None = None) -
         ins.problems.append(f"config.json: {e}")
         return ins
     ins.dialect, ins.fmt = dialect.name, fmt
-    modelopt = isinstance(dialect, ModelOpt)
     tensors = _shard_headers(folder, ins)
-    mods = _quantized_modules(tensors, modelopt)
-    layers = [lay for m in mods if (lay := _check_layer(m, tensors, fmt, modelopt, ins))]
+    mods = _quantized_modules(tensors, dialect)
+    layers = [lay for m in mods if (lay := _check_layer(m, tensors, fmt, dialect, ins))]
     ins.layers = layers
-    packed = {f"{m}.{s}" for m in mods for s in _names(modelopt, True).values()}
+    packed = {f"{m}.{s}" for m in mods for s in _names(dialect, True).values()}
     ins.dense_bytes = sum(i.nbytes for t, i in tensors.items() if t not in packed)
     ignore = qc.get("ignore") or []
     for mod in mods:
         if matches(ignore, mod):
             ins.problems.append(f"{mod}: quantized but listed in quantization_config ignore")
-    _read_values(folder, tensors, layers, fmt, modelopt, ins)
+    _read_values(folder, tensors, layers, fmt, dialect, ins)
     _check_fused(tensors, set(mods), layers, ins)
     _original(folder, tensors, ins, config)
     report = folder / REPORT_NAME

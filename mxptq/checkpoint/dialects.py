@@ -20,6 +20,14 @@ class Dialect:
     """Base: how one quantized Linear `P` is stored and which config describes the checkpoint."""
 
     name = ""
+    # Tensor names per quantized Linear, after "P.": one place for the readers, the loader and
+    # inspect. `marker` is the tensor whose presence says that P is quantized.
+    codes_name = "weight_packed"
+    scales_name = "weight_scale"
+    global_name = "weight_global_scale"
+    global_shape: tuple[int, ...] = (1,)
+    global_is_decode = False  # stores the encode scale g; True: the decode multiplier 1/g
+    marker = "weight_packed"
 
     def check(self, fmt: Format) -> None:
         """Raise MxptqError when this dialect cannot express `fmt`."""
@@ -39,8 +47,8 @@ class Dialect:
         )
 
     def input_specs(self, module: str) -> dict[str, tuple[str, tuple]]:
-        """Name -> (dtype, shape) of the W4A4 activation scale of one Linear."""
-        raise NotImplementedError
+        """Name -> (dtype, shape) of the W4A4 activation scale of one Linear (none stored)."""
+        return {}
 
     def input_tensors(self, module: str, act) -> dict[str, torch.Tensor]:
         """The W4A4 activation scale tensors of one Linear from its `ActivationScale`."""
@@ -181,6 +189,11 @@ class ModelOpt(Dialect):
     static `input_scale` per Linear)."""
 
     name = "modelopt"
+    codes_name = "weight"
+    global_name = "weight_scale_2"
+    global_shape = ()
+    global_is_decode = True
+    marker = "weight_scale_2"
 
     def check(self, fmt: Format) -> None:
         if not (fmt.scale is E4M3 and fmt.block_size == 16 and fmt.has_global):

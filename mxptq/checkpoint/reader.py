@@ -11,7 +11,7 @@ from safetensors import safe_open
 from ..errors import MxptqError
 from ..formats import Format
 from ..tensor import QuantizedTensor
-from .dialects import ModelOpt, dialect_of_config
+from .dialects import dialect_of_config, get_dialect
 from .safetensors_io import list_shards
 
 
@@ -39,23 +39,20 @@ def read_checkpoint(folder: str | Path) -> dict[str, QuantizedTensor]:
             raise MxptqError(f"{folder}: tensor {name} is missing")
         return where[name].get_tensor(name)
 
-    if isinstance(dialect, ModelOpt):
-        modules = [k[: -len(".weight_scale_2")] for k in where if k.endswith(".weight_scale_2")]
-    else:
-        modules = [k[: -len(".weight_packed")] for k in where if k.endswith(".weight_packed")]
+    marker = f".{dialect.marker}"
+    modules = [k[: -len(marker)] for k in where if k.endswith(marker)]
     return {m: dialect.read(m, get, fmt) for m in sorted(modules)}
 
 
 def read_dense(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors kept dense (not part of any quantized Linear, W4A4 input scales included),
-    by name."""
+    """The tensors kept dense, by name: everything but the packed tensors of the quantized
+    Linears and their W4A4 input scales."""
     folder = Path(folder)
     q = read_checkpoint(folder)
-    d, _ = checkpoint_format(folder)
-    suffixes = (".weight", ".weight_scale", ".weight_scale_2", ".input_scale") if (
-        d == "modelopt") else (".weight_packed", ".weight_scale", ".weight_global_scale",
-                               ".input_global_scale")
-    taken = {m + s for m in q for s in suffixes}
+    name, fmt = checkpoint_format(folder)
+    dialect = get_dialect(name)
+    taken = {t for m, qt in q.items()
+             for t in (*dialect.specs(m, fmt, *qt.shape), *dialect.input_specs(m))}
     out = {}
     for p in list_shards(folder):
         with safe_open(str(p), "pt") as f:

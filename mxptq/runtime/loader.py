@@ -25,7 +25,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..checkpoint.dialects import ModelOpt, dialect_of_config
+from ..checkpoint.dialects import Dialect, dialect_of_config
 from ..checkpoint.safetensors_io import read_header
 from ..errors import MxptqError
 
@@ -64,25 +64,21 @@ class _Scalar(ConversionOps):
         return {target_patterns[0]: 1.0 / t if self.invert else t}
 
 
-def _conversions(modelopt: bool) -> list:
+def _conversions(dialect: Dialect) -> list:
     """Checkpoint tensor names -> PackedLinear buffers. Renames of dense keys (e.g. a kept
     layer's ModelOpt-style `weight`) fall back to the original name because no buffer matches."""
-    if modelopt:
-        return [
-            WeightRenaming("weight", "codes"),
-            WeightRenaming("weight_scale", "scales"),
-            WeightConverter("weight_scale_2", "global_scale", [_Scalar(invert=True)]),
-        ]
     return [
-        WeightRenaming("weight_packed", "codes"),
-        WeightRenaming("weight_scale", "scales"),
-        WeightConverter("weight_global_scale", "global_scale", [_Scalar(invert=False)]),
+        WeightRenaming(dialect.codes_name, "codes"),
+        WeightRenaming(dialect.scales_name, "scales"),
+        WeightConverter(dialect.global_name, "global_scale",
+                        [_Scalar(invert=dialect.global_is_decode)]),
     ]
 
 
-def quantized_modules(files: list[str | Path], modelopt: bool) -> set[str]:
-    """Module names that hold packed tensors, from the safetensors headers (no data read)."""
-    suffix = ".weight_scale_2" if modelopt else ".weight_packed"
+def quantized_modules(files: list[str | Path], marker: str) -> set[str]:
+    """Module names that hold packed tensors (`P.<marker>`, see Dialect.marker), from the
+    safetensors headers (no data read)."""
+    suffix = f".{marker}"
     return {
         name[: -len(suffix)]
         for f in files
@@ -102,7 +98,7 @@ class PackedHfQuantizer(HfQuantizer):
 
         dialect = self.quantization_config.dialect()
         fmt = dialect.format_from_config(self.quantization_config.checkpoint)
-        packed = quantized_modules(checkpoint_files or [], isinstance(dialect, ModelOpt))
+        packed = quantized_modules(checkpoint_files or [], dialect.marker)
         prefix = model.base_model_prefix
         swapped = 0
         for name, lin in list(model.named_modules()):
@@ -124,7 +120,7 @@ class PackedHfQuantizer(HfQuantizer):
         return model
 
     def get_weight_conversions(self) -> list:
-        return _conversions(isinstance(self.quantization_config.dialect(), ModelOpt))
+        return _conversions(self.quantization_config.dialect())
 
     def is_serializable(self) -> bool:
         return False  # buffers are named codes/scales, not any dialect's names
