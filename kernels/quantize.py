@@ -67,6 +67,47 @@ def _err(a, ay, hh, yyh, s, inv_g, B: tl.constexpr, HAS_H: tl.constexpr, BOUND: 
 
 
 @triton.jit
+def select_tile(
+    x,
+    hh,
+    g,
+    inv_g,
+    bmask,
+    B: tl.constexpr,
+    SEL: tl.constexpr,
+    WLO: tl.constexpr,
+    WHI: tl.constexpr,
+    MAN: tl.constexpr,
+    BIAS: tl.constexpr,
+    MAX_CODE: tl.constexpr,
+    MAX_VALUE: tl.constexpr,
+    MX_CEIL: tl.constexpr,
+    HAS_H: tl.constexpr,
+    FLOOR: tl.constexpr,
+):
+    """scales.select_codes for a tile of blocks x [NB, B] (fp32): the chosen scale codes
+    (int32 [NB]). `hh` [NB, B] are the importance weights when HAS_H; GPTQ's kernel shares
+    this step, so both pick the reference's codes."""
+    a = tl.abs(x)
+    bmax = tl.max(a, axis=1)
+    ay = a * g
+    c = absmax_code(bmax, g, 1.0, MAN, BIAS, MAX_VALUE, MX_CEIL, FLOOR)
+    if SEL > 0:
+        if not HAS_H:
+            hh = a
+        if SEL == 1:  # 4over6: the scale-to-4 candidate replaces c6 only when strictly better
+            c4 = absmax_code(bmax, g, 1.5, MAN, BIAS, MAX_VALUE, MX_CEIL, FLOOR)
+            e6, _ = _err(a, ay, hh, ay, scale_value(c, MAN, BIAS), inv_g, B, HAS_H, 0)
+            e4, _ = _err(a, ay, hh, ay, scale_value(c4, MAN, BIAS), inv_g, B, HAS_H, 0)
+            c = tl.where(e4 < e6, c4, c)
+        else:
+            c = _search(
+                a, ay, hh, bmax * g, c, inv_g, bmask, B, SEL, WLO, WHI, MAN, BIAS, MAX_CODE, HAS_H
+            )
+    return c
+
+
+@triton.jit
 def _quantize_kernel(
     w_ptr,
     h_ptr,
@@ -117,25 +158,15 @@ def _quantize_kernel(
         g = 1.0
         inv_g = 1.0
 
-    a = tl.abs(x)
-    bmax = tl.max(a, axis=1)
-    ay = a * g
-    c = absmax_code(bmax, g, 1.0, MAN, BIAS, MAX_VALUE, MX_CEIL, FLOOR)
-    if SEL > 0:
-        if HAS_H:
-            kk = (blk % kb)[:, None] * B + j[None, :]
-            hh = tl.load(h_ptr + kk, mask=m2, other=0.0)
-        else:
-            hh = a
-        if SEL == 1:  # 4over6: the scale-to-4 candidate replaces c6 only when strictly better
-            c4 = absmax_code(bmax, g, 1.5, MAN, BIAS, MAX_VALUE, MX_CEIL, FLOOR)
-            e6, _ = _err(a, ay, hh, ay, scale_value(c, MAN, BIAS), inv_g, B, HAS_H, 0)
-            e4, _ = _err(a, ay, hh, ay, scale_value(c4, MAN, BIAS), inv_g, B, HAS_H, 0)
-            c = tl.where(e4 < e6, c4, c)
-        else:
-            c = _search(
-                a, ay, hh, bmax * g, c, inv_g, bmask, B, SEL, WLO, WHI, MAN, BIAS, MAX_CODE, HAS_H
-            )
+    if HAS_H and SEL > 0:
+        kk = (blk % kb)[:, None] * B + j[None, :]
+        hh = tl.load(h_ptr + kk, mask=m2, other=0.0)
+    else:
+        hh = x  # unread
+    c = select_tile(
+        x, hh, g, inv_g, bmask, B, SEL, WLO, WHI, MAN, BIAS, MAX_CODE, MAX_VALUE, MX_CEIL, HAS_H,
+        FLOOR,
+    )
 
     v = x * reciprocal(scale_value(c, MAN, BIAS) * inv_g)[:, None]
     lo, hi = tl.split(tl.reshape(e2m1_code(v), (NB, B // 2, 2)))

@@ -126,3 +126,49 @@ def test_importance_reduces_the_weighted_error(problem):
     weighted = dequantize(quantize_tensor(w, "nvfp4", "search", importance=imp))
     werr = lambda wq: float((((w - wq) ** 2) * imp).sum())  # noqa: E731
     assert werr(weighted) < werr(plain)
+
+
+# The Triton column-block kernel against the torch loop: same bytes, same values. Small shapes
+# (the interpreter runs every column's numpy ops); rows ragged against the 16-row programs.
+KERNEL_CASES = [
+    # format, block size, selector, scale mode, importance, GPTQ column block, K
+    ("nvfp4", None, "search", "lazy", True, 128, 160),
+    ("nvfp4", None, "absmax", "static", False, 32, 64),
+    ("mxfp4", None, "search", "lazy", False, 32, 64),
+    ("nvfp4-ue5m3", None, "4over6", "lazy", True, 64, 64),
+    ("nvfp4", 4, "exhaustive", "lazy", False, 16, 32),
+    ("mxfp4", 128, "absmax", "lazy", False, 128, 256),
+]
+
+
+@pytest.mark.parametrize(("fmt", "bs", "scale", "mode", "imp", "block", "k"), KERNEL_CASES)
+def test_triton_column_blocks_equal_the_torch_loop(problem, fmt, bs, scale, mode, imp, block, k):
+    w, x, h = problem
+    if k > K:
+        g = torch.Generator().manual_seed(3)
+        w = torch.randn(N, k, generator=g)
+        xk = torch.randn(256, k, generator=g) * torch.linspace(0.5, 2.0, k)
+        h = 2.0 / 256 * xk.T @ xk
+    w, h = w[:19, :k].contiguous(), h[:k, :k].contiguous()
+    importance = h.diagonal() / 2 if imp else None
+    kw = dict(scales=mode, importance=importance, block=block, block_size=bs)
+    ref = gptq_quantize(w, h, fmt, scale, backend="torch", **kw)
+    out = gptq_quantize(w, h, fmt, scale, backend="triton", **kw)
+    assert torch.equal(out.qt.codes, ref.qt.codes)
+    assert torch.equal(out.qt.scale_codes(), ref.qt.scale_codes())
+    assert torch.equal(out.weight, ref.weight)
+    assert out.qt.global_scale == ref.qt.global_scale
+
+
+def test_triton_backend_takes_the_torch_loop_where_the_kernel_cannot():
+    """act_order scatters a group over column blocks, a 48-column block splits groups: both run
+    the torch loop (same result as asking for it), not a wrong kernel launch."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(8, 96, generator=g)
+    h = torch.eye(96) + 0.05
+    for kw in (dict(act_order=True), dict(block=40)):
+        a = gptq_quantize(w, h, "nvfp4", "search", backend="torch", **kw)
+        b = gptq_quantize(w, h, "nvfp4", "search", backend="triton", **kw)
+        assert torch.equal(a.weight, b.weight)
+    with pytest.raises(ValueError, match="backend"):
+        gptq_quantize(w, h, "nvfp4", "search", backend="cuda")

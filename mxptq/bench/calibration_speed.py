@@ -7,7 +7,9 @@ values, four shards), then runs what `mxptq quantize --calib ... --algo gptq --s
 before streaming: `calibrate` one decoder layer at a time with Hessians, and `quantize_layer` (GPTQ
 with lazily searched NVFP4 block scales) as its per-layer callback, on random token ids (the
 model's weights are random too, so real text would tell nothing more). One line per layer goes to
-stdout and to --log as it finishes, so an interrupted run still shows its rate.
+stdout and to --log as it finishes, so an interrupted run still shows its rate. On a GPU it first
+checks that GPTQ's Triton column blocks give the torch loop's bytes on a slice of a real-sized
+layer, and times both.
 """
 
 from __future__ import annotations
@@ -20,9 +22,31 @@ from pathlib import Path
 import torch
 
 from mxptq.bench.pipeline import LLAMA_8B, generate
-from mxptq.calibration import CalibOptions, calibrate, quantize_layer
+from mxptq.calibration import CalibOptions, calibrate, gptq_quantize, quantize_layer
 
 TINY = dict(vocab=1024, hidden=256, inter=512, layers=2, heads=4, kv_heads=2)
+
+
+def check_kernel(rows: int = 512, k: int = 2048) -> dict:
+    """GPTQ (search, lazy scales, importance) on one [rows, k] GPU weight by both backends."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(rows, k, device="cuda", generator=gen) * 0.02
+    x = torch.randn(4 * k, k, device="cuda", generator=gen)
+    x = x * torch.linspace(0.2, 3, k, device="cuda")
+    h = x.T @ x * (2 / x.shape[0])
+    imp = h.diagonal() / 2
+    out, secs = {}, {}
+    for backend in ("torch", "triton", "triton"):  # the second triton run is the timed one
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out[backend] = gptq_quantize(w, h, "nvfp4", "search", importance=imp, backend=backend)
+        torch.cuda.synchronize()
+        secs[backend] = time.perf_counter() - t
+    a, b = out["torch"], out["triton"]
+    same = (torch.equal(a.qt.codes, b.qt.codes) and torch.equal(a.weight, b.weight)
+            and torch.equal(a.qt.scale_codes(), b.qt.scale_codes()))
+    return {"check_shape": [rows, k], "check_bytes_equal": same,
+            "check_torch_s": round(secs["torch"], 2), "check_triton_s": round(secs["triton"], 3)}
 
 
 def main() -> None:
@@ -60,6 +84,9 @@ def main() -> None:
         say(f"layer done: {len(results)} linears, {time.perf_counter() - start:.1f} s, "
             f"peak GPU {peak:.2f} GiB")
 
+    check = check_kernel() if device == "cuda" else {}
+    if check:
+        say(json.dumps(check))
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     calibrate(src, ids, device=device, hessian=True, on_layer=on_layer, sequential=True,
@@ -69,7 +96,7 @@ def main() -> None:
     out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
            "torch": torch.__version__, "model": c, "tokens": a.samples * a.seqlen,
            "generate_s": round(t_gen, 1), "calibrate_gptq_s": round(wall, 1),
-           "peak_gpu_gib": round(peak, 2), "linears": len(results)}
+           "peak_gpu_gib": round(peak, 2), "linears": len(results), **check}
     say(json.dumps(out))
 
 

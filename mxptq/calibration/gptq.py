@@ -19,7 +19,7 @@ import torch
 from .. import scales as S
 from ..errors import MxptqError
 from ..formats import e2m1_decode, get_format, pack_e2m1
-from ..tensor import QuantizedTensor, _check_importance, check_weight, tensor_amax
+from ..tensor import BACKENDS, QuantizedTensor, _check_importance, check_weight, tensor_amax
 
 GPTQ_SCALES = ("lazy", "static")
 
@@ -57,12 +57,15 @@ def gptq_quantize(
     global_amax: torch.Tensor | float | None = None,
     window: tuple[int, int] | None = None,
     global_norm: float | None = None,
+    backend: str = "auto",
 ) -> GPTQResult:
     """Quantize w [N, K] against the layer Hessian H [K, K] (2/n Σ x xᵀ).
 
     `global_amax` fixes the amax behind the global scale (a fused set's shared amax); by
     default it is the amax of the original `w`. `importance` (length K) weights the selector's
-    block error, as in `quantize_tensor`.
+    block error, as in `quantize_tensor`. `backend` "auto" runs each column block as one Triton
+    launch on CUDA tensors (same bytes as the torch loop), "triton" forces that, "torch" the
+    loop; activation order always takes the torch loop.
     """
     if scales not in GPTQ_SCALES:
         raise ValueError(f"unknown GPTQ scale mode {scales!r} (one of {', '.join(GPTQ_SCALES)})")
@@ -82,7 +85,6 @@ def gptq_quantize(
     else:
         g = torch.ones((), dtype=torch.float32, device=dev)
     inv_g = S.reciprocal(g)
-    table = fmt.scale.table(dev)
 
     W = w.float().clone()
     H = hessian.to(dev, torch.float32).clone()
@@ -105,6 +107,48 @@ def gptq_quantize(
     Q = torch.zeros_like(W)
     codes = torch.zeros((n, k), dtype=torch.uint8, device=dev)
 
+    if _use_kernel(backend, dev, block, bs, act_order):
+        from ..kernels.gptq import gptq_block
+
+        gv = torch.stack([g.reshape(()), inv_g.reshape(())]).float()
+        for i1 in range(0, k, block):
+            i2 = min(i1 + block, k)
+            imp = None if h is None else h[i1:i2]
+            sl = slice(i1 // bs, i2 // bs)
+            err1 = gptq_block(
+                W[:, i1:i2], Hinv[i1:i2, i1:i2], imp, sc[:, sl], codes[:, i1:i2], Q[:, i1:i2],
+                gv, fmt, cfg, scales == "lazy", block,
+            )
+            W[:, i2:] -= err1 @ Hinv[i1:i2, i2:]
+    else:
+        _column_loop(W, Hinv, Q, codes, sc, have, group_of, invperm, hb, fmt, cfg, g, inv_g,
+                     block)
+
+    qt = QuantizedTensor(
+        pack_e2m1(codes[:, invperm]),
+        fmt.scale.to_storage(sc),
+        g.reshape(()) if fmt.has_global else None,
+        fmt,
+    )
+    return GPTQResult(qt, Q[:, invperm].contiguous())
+
+
+def _use_kernel(backend: str, dev: torch.device, block: int, bs: int, act_order: bool) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
+    if backend == "torch" or (backend == "auto" and dev.type != "cuda"):
+        return False
+    from ..kernels.gptq import supported
+
+    return supported(block, bs, act_order)
+
+
+def _column_loop(W, Hinv, Q, codes, sc, have, group_of, invperm, hb, fmt, cfg, g, inv_g, block):
+    """The reference GPTQ loop in torch: column by column, lazy batch updates per block."""
+    n, k = W.shape
+    bs = fmt.block_size
+    dev = W.device
+    table = fmt.scale.table(dev)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         W1 = W[:, i1:i2].clone()
@@ -132,10 +176,3 @@ def gptq_quantize(
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
-    qt = QuantizedTensor(
-        pack_e2m1(codes[:, invperm]),
-        fmt.scale.to_storage(sc),
-        g.reshape(()) if fmt.has_global else None,
-        fmt,
-    )
-    return GPTQResult(qt, Q[:, invperm].contiguous())
