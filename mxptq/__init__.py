@@ -6,7 +6,18 @@ from .tensor import QuantizedTensor, dequantize, quantize_tensor
 
 __version__ = "0.1.0"
 
-from .runtime.loader import PackedConfig, load  # noqa: E402  registers the loader with transformers
+from .runtime import hook as _hook  # noqa: E402
+
+_hook.install()  # from_pretrained finds the packed loader; transformers is not imported here
+
+
+def __getattr__(name: str):
+    """`load` and `PackedConfig` import the loader (and transformers) on first use."""
+    if name in ("PackedConfig", "load"):
+        from .runtime import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "FORMATS",

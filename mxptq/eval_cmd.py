@@ -14,7 +14,6 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import MxptqError
-from .evaluate import MODES, reference_logprobs, score, sequences
 from .scales import SELECTORS
 
 console = Console(stderr=True, soft_wrap=True)
@@ -49,6 +48,8 @@ def run_eval(
 ) -> dict:
     """The numbers `mxptq eval` prints, as a dict."""
     from transformers import AutoTokenizer
+
+    from .evaluate import MODES, reference_logprobs, score, sequences
 
     if mode not in MODES:
         raise MxptqError(f"unknown --mode {mode!r} (one of {', '.join(MODES)})")

@@ -13,7 +13,7 @@ from .checkpoint.dialects import Dialect
 from .checkpoint.safetensors_io import TensorInfo, list_shards, read_header
 from .errors import MxptqError
 from .formats import Format
-from .skeleton import Skeleton, build_skeleton
+from .skeleton import Skeleton, load_skeleton
 
 # Projections that serving stacks fuse and that must therefore share one global scale
 # (formats.md §2.6): attention q/k/v, MLP gate/up, Mixtral w1/w3, MLA, BERT query/key/value.
@@ -225,7 +225,7 @@ def build_plan(
     ignore = list(ignore or [])
     shards = list_shards(model_dir)
     infos = read_tensors(shards)
-    sk = build_skeleton(model_dir)
+    sk = load_skeleton(model_dir)
     items = [classify(i, sk, fmt, ignore, quantize_lm_head) for i in infos]
     groups = _settle_groups(items)
     kept_linear = _dense_linears(items, sk)

@@ -1,13 +1,21 @@
 """A meta-device model built from config.json: which modules are Linear layers, and how fused
-3-D MoE expert tensors are laid out. Nothing is allocated and no weight is read."""
+3-D MoE expert tensors are laid out. Nothing is allocated and no weight is read.
+
+Building it imports transformers' modeling code, the largest part of `mxptq quantize`'s
+start-up, so the result is cached on disk (`load_skeleton`), keyed by the config's bytes, the
+transformers version and this module's source: a later run on the same architecture (another
+format, a resume, a retry) plans without importing transformers at all.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
+import os
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import MxptqError
@@ -115,4 +123,53 @@ def build_skeleton(model_dir: Path) -> Skeleton:
             if p.dim() == 3:
                 sk.experts[f"{name}.{pname}"] = expert_layout(mod, pname) or "unknown"
                 sk.expert_modules.add(name)
+    return sk
+
+
+def cache_dir() -> Path | None:
+    """Where skeletons are cached: $MXPTQ_CACHE_DIR, else $XDG_CACHE_HOME/mxptq, else
+    ~/.cache/mxptq; None when MXPTQ_NO_CACHE is set."""
+    if os.environ.get("MXPTQ_NO_CACHE"):
+        return None
+    if os.environ.get("MXPTQ_CACHE_DIR"):
+        return Path(os.environ["MXPTQ_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mxptq"
+
+
+def _cache_key(config: bytes) -> str:
+    from importlib.metadata import version
+
+    h = hashlib.sha256(config)
+    h.update(version("transformers").encode())
+    h.update(Path(__file__).read_bytes())  # a change in how skeletons are built invalidates
+    return h.hexdigest()[:32]
+
+
+def load_skeleton(model_dir: Path) -> Skeleton:
+    """build_skeleton, through the on-disk cache. A cache that cannot be read or written is
+    ignored (the skeleton is then built), never an error."""
+    cfg_path = model_dir / "config.json"
+    folder = cache_dir()
+    if folder is None or not cfg_path.is_file():
+        return build_skeleton(model_dir)
+    path = folder / f"skeleton-{_cache_key(cfg_path.read_bytes())}.json"
+    try:
+        raw = json.loads(path.read_text())
+        return Skeleton(
+            linears=set(raw["linears"]), experts=dict(raw["experts"]),
+            expert_modules=set(raw["expert_modules"]), prefix=raw["prefix"],
+            lm_head=set(raw["lm_head"]), model_class=raw["model_class"],
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    sk = build_skeleton(model_dir)
+    data = {k: sorted(v) if isinstance(v, set) else v for k, v in asdict(sk).items()}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)  # atomic: a concurrent reader sees no half-written file
+    except OSError:
+        pass
     return sk

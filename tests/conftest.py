@@ -1,6 +1,7 @@
 """Test-session set-up that must happen before any test module imports Triton."""
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +11,9 @@ import torch
 # it must be set before collection, whatever order the modules are collected in.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Skeleton cache (mxptq.skeleton.load_skeleton) of this session only: nothing lands in ~/.cache.
+os.environ.setdefault("MXPTQ_CACHE_DIR", tempfile.mkdtemp(prefix="mxptq-test-cache-"))
 
 
 @pytest.fixture(scope="module")

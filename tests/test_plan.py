@@ -1,11 +1,15 @@
 """The plan: which tensors are quantized, kept (and why), and which share a global scale."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from quant_helpers import STORIES, minilm_dir
 
+from mxptq import skeleton
 from mxptq.checkpoint.dialects import get_dialect
 from mxptq.errors import MxptqError
 from mxptq.formats import get_format
@@ -112,3 +116,54 @@ def test_plan_reads_no_tensor_data(monkeypatch):
     monkeypatch.setattr(io, "read_tensor", boom)
     monkeypatch.setattr(torch, "load", boom)
     assert plan(STORIES).summary()["quantize"] == 30
+
+
+def test_skeleton_cache_is_used_and_survives_corruption(tmp_path, monkeypatch):
+    monkeypatch.setenv("MXPTQ_CACHE_DIR", str(tmp_path / "cache"))
+    built = skeleton.build_skeleton(STORIES)
+    first = skeleton.load_skeleton(STORIES)
+    assert first == built
+    (entry,) = (tmp_path / "cache").glob("skeleton-*.json")
+
+    def boom(model_dir):
+        raise AssertionError("built although cached")
+
+    monkeypatch.setattr(skeleton, "build_skeleton", boom)
+    assert skeleton.load_skeleton(STORIES) == built  # read from the cache
+    entry.write_text("{not json")
+    monkeypatch.undo()
+    monkeypatch.setenv("MXPTQ_CACHE_DIR", str(tmp_path / "cache"))
+    assert skeleton.load_skeleton(STORIES) == built  # rebuilt, and the entry rewritten
+    assert sorted(json.loads(entry.read_text())["linears"]) == sorted(built.linears)
+
+
+def test_skeleton_cache_key_follows_the_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("MXPTQ_CACHE_DIR", str(tmp_path / "cache"))
+    other = tmp_path / "model"
+    other.mkdir()
+    cfg = json.loads((STORIES / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=2)))
+    a, b = skeleton.load_skeleton(STORIES), skeleton.load_skeleton(other)
+    assert len(list((tmp_path / "cache").glob("skeleton-*.json"))) == 2
+    assert len(b.linears) < len(a.linears)
+    monkeypatch.setenv("MXPTQ_NO_CACHE", "1")
+    assert skeleton.cache_dir() is None and skeleton.load_skeleton(STORIES) == a
+
+
+def test_cached_plan_does_not_import_transformers(tmp_path):
+    """With the skeleton cached, planning (the CLI's start-up) never imports transformers."""
+    env = dict(os.environ, MXPTQ_CACHE_DIR=str(tmp_path / "cache"))
+    code = (
+        "import sys\n"
+        "from mxptq.checkpoint.dialects import get_dialect\n"
+        "from mxptq.formats import get_format\n"
+        "from mxptq.plan import build_plan\n"
+        f"p = build_plan(__import__('pathlib').Path({str(STORIES)!r}), get_format('nvfp4'), "
+        "'absmax', get_dialect('compressed-tensors'))\n"
+        "print(p.summary()['quantize'], 'transformers' in sys.modules)\n"
+    )
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=env, timeout=300) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-2000:]
+    assert runs[0].stdout.split() == ["30", "True"]  # the first run builds the skeleton
+    assert runs[1].stdout.split() == ["30", "False"]

@@ -2,6 +2,8 @@
 checkpoint's exact bytes and compute what a dense model of the dequantized weights computes."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -112,6 +114,24 @@ def test_from_pretrained_after_import_uses_packed_layers(ckpts, dialect):
         model = AutoModelForCausalLM.from_pretrained(ckpts[dialect],
                                                      quantization_config=mxptq.PackedConfig())
     assert set(_packed(model)) == set(q)
+
+
+def test_fresh_process_import_is_light_and_from_pretrained_still_finds_the_loader(ckpts):
+    """`import mxptq` leaves transformers unimported (CLI start-up); importing transformers
+    afterwards registers the loader before from_pretrained runs."""
+    code = (
+        "import sys; import mxptq\n"
+        "assert 'transformers' not in sys.modules, 'import mxptq imported transformers'\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from mxptq.runtime import PackedLinear\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(ckpts['modelopt'])!r})\n"
+        "n = sum(isinstance(x, PackedLinear) for x in m.modules())\n"
+        "assert n > 0, 'no packed layer'\n"
+        "print('packed', n)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.split()[-1]) == len(read_checkpoint(ckpts["modelopt"]))
 
 
 def test_checkpoint_that_matches_no_linear_is_refused(ckpts):

@@ -10,15 +10,16 @@ REPORT_NAME = "mxptq_report.json"
 
 
 def versions(mxptq_version: str) -> dict:
+    from importlib.metadata import version
+
     import safetensors
     import torch
-    import transformers
 
     v = {
         "mxptq": mxptq_version,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": version("transformers"),  # metadata: no import of its modeling code
         "safetensors": safetensors.__version__,
     }
     try:
