@@ -11,9 +11,14 @@ an fp16 subnormal), and the block scale is decoded with 2^14 folded in, so the p
 E2M1·S exactly; it has at most 5 significant bits and so is exact in bf16 too. The global scale
 divides the fp32 accumulator once in the epilogue, not every weight.
 
-One jitted body serves two autotuned launchers chosen by M: narrow tiles for M <= 64
-(memory-bound; many programs along N, long K steps so that each row read is 128 bytes wide)
-and 128-wide tiles with deeper pipelines for the compute-bound large-M case.
+Compiled kernels decode four code bytes at once with inline PTX (`_decode_bytes`: a shift of
+the whole 32-bit register moves one nibble of each 16-bit half, so one shift/mask/or makes two
+fp16 weights); the interpreter runs the same formula in plain Triton.
+
+`fp4_linear` sends up to `gemv.GEMV_M_MAX` tokens to the GEMV of `gemv.py`; above that one
+jitted body serves two autotuned launchers chosen by M: narrow tiles for M <= 64 (many
+programs along N, long K steps so that each row read is 128 bytes wide) and 128-wide tiles
+with deeper pipelines for the compute-bound large-M case.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SMALL_M_MAX = 64  # M at or under this uses the skinny launcher
+# Inline-PTX nibble decoding in compiled kernels; the interpreter runs the plain-Triton formula.
+USE_ASM = not _INTERPRET
 
 
 @triton.jit
@@ -34,6 +41,72 @@ def _e2m1_times_2pow_m14(c):
     """fp16 holding E2M1(c)·2^-14 for codes c (uint16, 0..15): a bit move, no table."""
     bits = ((c & 7) << 9) | ((c & 8) << 12)
     return bits.to(tl.float16, bitcast=True)
+
+
+# PTX for `_decode_bytes` on the GPU: 4 code bytes (one 32-bit register) -> 8 fp32 values.
+# Each 16-bit half of r holds two bytes; shifting r moves one nibble of each half into the fp16
+# bit positions at once (magnitude bits to 9..11, sign bit to 15), so one shift/mask/or makes
+# an fp16 pair (two weights), and cvt.f32.f16 unpacks it (exact, subnormals included).
+# Outputs $0..$3: low nibbles of bytes 0..3; $4..$7: high nibbles; $8: the 4 bytes.
+_DECODE_ASM = tl.constexpr("""
+{
+.reg .b32 t<2>, h<4>;
+.reg .b16 l, u;
+shl.b32 t0, $8, 9;
+shl.b32 t1, $8, 12;
+and.b32 t0, t0, 0x0E000E00;
+and.b32 t1, t1, 0x80008000;
+or.b32 h0, t0, t1;
+shl.b32 t0, $8, 5;
+shl.b32 t1, $8, 8;
+and.b32 t0, t0, 0x0E000E00;
+and.b32 t1, t1, 0x80008000;
+or.b32 h1, t0, t1;
+shl.b32 t0, $8, 1;
+shl.b32 t1, $8, 4;
+and.b32 t0, t0, 0x0E000E00;
+and.b32 t1, t1, 0x80008000;
+or.b32 h2, t0, t1;
+shr.b32 t0, $8, 3;
+and.b32 t0, t0, 0x0E000E00;
+and.b32 t1, $8, 0x80008000;
+or.b32 h3, t0, t1;
+mov.b32 {l, u}, h0;
+cvt.f32.f16 $0, l;
+cvt.f32.f16 $2, u;
+mov.b32 {l, u}, h2;
+cvt.f32.f16 $1, l;
+cvt.f32.f16 $3, u;
+mov.b32 {l, u}, h1;
+cvt.f32.f16 $4, l;
+cvt.f32.f16 $6, u;
+mov.b32 {l, u}, h3;
+cvt.f32.f16 $5, l;
+cvt.f32.f16 $7, u;
+}
+""")
+
+
+@triton.jit
+def _decode_bytes(c, USE_ASM: tl.constexpr):
+    """Code bytes (uint8) -> (low nibble, high nibble) as fp32 E2M1·2^-14 each.
+
+    USE_ASM (compiled GPU code): two weights per integer instruction (`_DECODE_ASM`);
+    otherwise (and in the interpreter) the same bit move one nibble at a time."""
+    if USE_ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            _DECODE_ASM,
+            "=r,=r,=r,=r,=r,=r,=r,=r,r",
+            [c],
+            dtype=(tl.float32, tl.float32),
+            is_pure=True,
+            pack=4,
+        )
+    else:
+        c16 = c.to(tl.uint16)
+        lo = _e2m1_times_2pow_m14(c16 & 15).to(tl.float32)
+        hi = _e2m1_times_2pow_m14(c16 >> 4).to(tl.float32)
+    return lo, hi
 
 
 @triton.jit
@@ -83,6 +156,7 @@ def _fp4_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HALVES: tl.constexpr,
+    USE_ASM: tl.constexpr,
 ):
     """outᵀ tile [BLOCK_N, BLOCK_M] = Σ_k W'[n, k]·x[m, k]; K must be a multiple of BLOCK_K."""
     pid_n = tl.program_id(0)
@@ -103,18 +177,16 @@ def _fp4_gemm_kernel(
         x_ptrs = x_ptr + offs_m[None, :] * stride_xm + tl.arange(0, BLOCK_K)[:, None]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for _ in range(0, K, BLOCK_K):
-        c = tl.load(c_ptrs).to(tl.uint16)
+        lo, hi = _decode_bytes(tl.load(c_ptrs), USE_ASM)
         s = _scale_times_2pow14(tl.load(s_ptrs).to(tl.int32), MAN, BIAS)
         if HALVES:
             # Two dots of depth BLOCK_K/2 (low nibbles · even x, high · odd x): no interleave.
             s = tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_K // BLOCK, BLOCK // 2))
             s = tl.reshape(s, (BLOCK_N, BLOCK_K // 2))
-            w_lo = _e2m1_times_2pow_m14(c & 15).to(tl.float32) * s
-            w_hi = _e2m1_times_2pow_m14(c >> 4).to(tl.float32) * s
-            acc = _dot(w_lo, tl.load(x_ptrs), acc, DOT_BF16)
-            acc = _dot(w_hi, tl.load(x_ptrs + 1), acc, DOT_BF16)
+            acc = _dot(lo * s, tl.load(x_ptrs), acc, DOT_BF16)
+            acc = _dot(hi * s, tl.load(x_ptrs + 1), acc, DOT_BF16)
         else:
-            q = _e2m1_times_2pow_m14(tl.interleave(c & 15, c >> 4)).to(tl.float32)
+            q = tl.interleave(lo, hi)
             s = tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_K // BLOCK, BLOCK))
             acc = _dot(q * tl.reshape(s, (BLOCK_N, BLOCK_K)), tl.load(x_ptrs), acc, DOT_BF16)
         c_ptrs += BLOCK_K // 2
@@ -133,13 +205,19 @@ def _cfg(bn: int, bk: int, warps: int, stages: int, halves: bool = False) -> tri
     return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
-# Skinny: each program streams BLOCK_N weight rows; narrow BLOCK_N keeps >= 1 wave of programs
-# on 132 SMs even at N = 4096, long BLOCK_K gives 128-byte code rows per load. Each tile comes
-# in both nibble orders (interleaved into one dot, or two half-depth dots).
+# Skinny (GEMV_M_MAX < M <= 64): each program streams BLOCK_N weight rows; narrow BLOCK_N keeps
+# >= 1 wave of programs on 132 SMs even at N = 4096, long BLOCK_K gives 128-byte code rows per
+# load; nibble order interleaved into one dot, or "halves" (two half-depth dots). At M = 16 on
+# the H100, 32-row tiles were fastest on three Llama shapes and 128-row ones on 28672x4096.
 SMALL_CONFIGS = [
     _cfg(bn, bk, w, st, h)
-    for bn, bk, w, st in [(32, 256, 4, 4), (64, 256, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3)]
-    for h in (False, True)
+    for bn, bk, w, st, h in [
+        (32, 256, 4, 4, False),
+        (32, 512, 4, 3, False),
+        (64, 128, 4, 4, True),
+        (128, 128, 8, 3, False),
+        (64, 256, 4, 3, True),
+    ]
 ]
 # Large M: 128-row weight tiles (one warpgroup-wide wgmma A operand per 64 rows).
 LARGE_CONFIGS = [
@@ -182,7 +260,9 @@ def _prune(configs, named_args, **kwargs):
     return [triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages)]
 
 
-_AUTOTUNE_KEY = ["N", "K", "BLOCK", "MAN", "HAS_GLOBAL", "HAS_BIAS", "DOT_BF16", "BLOCK_M"]
+_AUTOTUNE_KEY = [
+    "N", "K", "BLOCK", "MAN", "HAS_GLOBAL", "HAS_BIAS", "DOT_BF16", "USE_ASM", "BLOCK_M"
+]
 
 
 def _bench_graph(kernel_call, quantiles):
@@ -235,11 +315,13 @@ def fp4_linear(
     block_size: int,
     scale_man_bits: int,
     scale_bias: int,
-    config: GemmConfig | None = None,
+    config: GemmConfig | _gemv.GemvConfig | None = None,
 ) -> torch.Tensor:
     """x [..., K] · dequant(W)ᵀ + bias, in x's dtype, for codes [N, K/2] (uint8) and block-scale
-    codes [N, K/B] (uint8 storage of any codec). bf16 activations use a bf16 dot; fp16 and fp32
-    activations use an fp32 (tf32 on GPU) dot, which holds fp16 values without loss."""
+    codes [N, K/B] (uint8 storage of any codec). Up to `gemv.GEMV_M_MAX` tokens (or with a
+    GemvConfig) the GEMV kernel of `gemv.py` runs; otherwise the dot kernel here, where bf16
+    activations use a bf16 dot and fp16 and fp32 activations an fp32 (tf32 on GPU) dot, which
+    holds fp16 values without loss."""
     n, k = codes.shape[0], codes.shape[1] * 2
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features, the weight expects {k}")
@@ -249,6 +331,10 @@ def fp4_linear(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
+    if isinstance(config, _gemv.GemvConfig) or (config is None and m <= _gemv.GEMV_M_MAX):
+        args = (x2, codes, scale_codes, global_scale, bias, block_size, scale_man_bits)
+        out = _gemv.fp4_gemv(*args, scale_bias, USE_ASM, config=config)
+        return out.reshape(*x.shape[:-1], n)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out.reshape(*x.shape[:-1], n)
@@ -263,6 +349,7 @@ def fp4_linear(
         HAS_BIAS=bias is not None,
         # The interpreter's numpy dot misreads bf16 operands, so there the dot runs in fp32.
         DOT_BF16=x.dtype == torch.bfloat16 and not _INTERPRET,
+        USE_ASM=USE_ASM,
     )
     if config is None and _INTERPRET:
         bm = _small_block_m(m) if m <= SMALL_M_MAX else 64
@@ -295,3 +382,6 @@ def fp4_linear(
         )
         _large[grid](*args, **meta)
     return out.reshape(*x.shape[:-1], n)
+
+
+from . import gemv as _gemv  # noqa: E402  (gemv imports this module's jitted helpers)

@@ -25,7 +25,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 from mxptq import QuantizedTensor, dequantize, quantize_tensor
 from mxptq.kernels import dequantize as triton_dequantize
-from mxptq.kernels import gemm
+from mxptq.kernels import gemm, gemv
 from mxptq.runtime import PackedLinear, linear_weight_bytes
 
 SHAPES = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]  # (N, K) of Llama-3.1-8B
@@ -74,6 +74,10 @@ def _kernel_call(qt: QuantizedTensor, x: torch.Tensor, bias=None, config=None):
 
 
 def _chosen(m: int) -> str:
+    if m <= gemv.GEMV_M_MAX:
+        c = gemv._gemv.best_config
+        kw = c.kwargs
+        return f"gemv n{kw['BLOCK_N']} k{kw['BLOCK_K']} w{c.num_warps} s{kw['STAGES']}"
     tuner = gemm._small if m <= gemm.SMALL_M_MAX else gemm._large
     c = tuner.best_config
     kw = c.kwargs
@@ -86,8 +90,8 @@ CHECK_FORMATS = [("nvfp4", 16), ("mxfp4", 32), ("nvfp4-ue5m3", 16), ("nvfp4", 4)
 
 
 def check_formats() -> list[str]:
-    """The compiled kernel on every activation dtype, both tile families (fixed tiles, so no
-    autotuning here), with bias, for several formats."""
+    """The compiled kernels on every activation dtype, the GEMV and both dot tile families
+    (fixed tiles, so no autotuning here), with bias, for several formats."""
     gen = torch.Generator(device="cuda").manual_seed(1)
     lines = []
     for fmt, b in CHECK_FORMATS:
@@ -96,6 +100,8 @@ def check_formats() -> list[str]:
         bias = torch.randn(200, device="cuda", generator=gen)
         bk = max(128, 2 * b)
         configs = [
+            (1, gemv.GemvConfig(4, 1024, 4)),
+            (2, gemv.GemvConfig(8, 256, 1, 3)),
             (5, gemm.GemmConfig(64, 16, bk, 4, 3, halves=True)),
             (5, gemm.GemmConfig(32, 16, bk, 4, 3)),
             (300, gemm.GemmConfig(128, 64, max(64, b), 8, 3)),
@@ -107,7 +113,7 @@ def check_formats() -> list[str]:
                 ref = F.linear(x.double(), dequantize(qt).double(), bias.double())
                 worst = max(worst, _rel(_kernel_call(qt, x, bias.to(dtype), cfg), ref))
         lines.append(
-            f"check {fmt} B={b}: worst rel err {worst:.1e} (bf16/fp16/fp32, 3 tiles, bias)"
+            f"check {fmt} B={b}: worst rel err {worst:.1e} (bf16/fp16/fp32, 5 tiles, bias)"
         )
     return lines
 

@@ -1,0 +1,208 @@
+"""FP4 GEMV for a few tokens (W4A16, M <= GEMV_M_MAX): no tensor-core dot, one pass over K.
+
+Each program owns BLOCK_N weight rows and one token; grid (M, N / BLOCK_N) with the token axis
+fastest, so the programs reading the same weight rows for different tokens run together and all
+but the first find the rows in L2. A K step loads codes as a 3-D tile [BLOCK_N, BLOCK_K/B, B/2]
+(rows, scale blocks, code bytes of a block) by pointer arithmetic, decodes the low and high
+nibbles to fp32 E2M1·2^-14 (`gemm._decode_bytes`: inline PTX on the GPU, two weights per
+integer instruction), multiplies them by x's even and odd columns, sums each scale block inside
+the thread and only then multiplies the block's partial sum by its decoded scale (one multiply
+per block, not per weight). The [BLOCK_N, BLOCK_K/B] fp32 accumulator is reduced across threads
+once, after the K loop; the global scale divides the result, the bias is added in fp32.
+
+bf16 activations are read as int32 pairs (even column in the low half): shifting a pair by 16
+bits, or masking its high half, is the exact fp32 value of each, with no strided loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .gemm import _INTERPRET, _bench_graph, _decode_bytes, _scale_times_2pow14
+
+GEMV_M_MAX = 2  # fp4_linear sends M at or under this here (M = 4 was faster on the dot kernel)
+
+
+@triton.jit
+def _fp4_gemv_kernel(
+    x_ptr,
+    codes_ptr,
+    scales_ptr,
+    g_ptr,
+    bias_ptr,
+    out_ptr,
+    N,
+    K: tl.constexpr,
+    stride_xm,
+    BLOCK: tl.constexpr,
+    MAN: tl.constexpr,
+    BIAS: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    X_PAIRS: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """out[m, n] = Σ_k x[m, k]·W'[n, k] for one token m and BLOCK_N rows; BLOCK_K divides K.
+
+    X_PAIRS: x_ptr is x viewed as int32 (two bf16 a word) and stride_xm counts words."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    NB: tl.constexpr = BLOCK_K // BLOCK  # scale blocks a step
+    HB: tl.constexpr = BLOCK // 2  # code bytes a block
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_n = tl.where(n_ok, offs_n, 0)  # out-of-range rows reread row 0, never stored
+    ob = tl.arange(0, NB)
+    oj = tl.arange(0, HB)
+    pair = ob[:, None] * HB + oj[None, :]  # code byte j holds columns 2j (low) and 2j+1 (high)
+    c_ptrs = codes_ptr + offs_n[:, None, None] * (K // 2) + pair[None, :, :]
+    s_ptrs = scales_ptr + offs_n[:, None] * (K // BLOCK) + ob[None, :]
+    x_ptrs = x_ptr + pid_m * stride_xm + (pair if X_PAIRS else 2 * pair)
+    acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
+    for _ in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        lo, hi = _decode_bytes(tl.load(c_ptrs), USE_ASM)
+        if X_PAIRS:
+            xp = tl.load(x_ptrs)
+            x_even = (xp << 16).to(tl.float32, bitcast=True)
+            x_odd = (xp & -65536).to(tl.float32, bitcast=True)
+        else:
+            x_even = tl.load(x_ptrs).to(tl.float32)
+            x_odd = tl.load(x_ptrs + 1).to(tl.float32)
+        part = tl.sum(lo * x_even[None, :, :] + hi * x_odd[None, :, :], axis=2)
+        s = _scale_times_2pow14(tl.load(s_ptrs).to(tl.int32), MAN, BIAS)
+        acc += part * s
+        c_ptrs += BLOCK_K // 2
+        s_ptrs += NB
+        if X_PAIRS:
+            x_ptrs += BLOCK_K // 2
+        else:
+            x_ptrs += BLOCK_K
+    res = tl.sum(acc, axis=1)
+    if HAS_GLOBAL:
+        res = res / tl.load(g_ptr)
+    if HAS_BIAS:
+        res += tl.load(bias_ptr + offs_n).to(tl.float32)
+    tl.store(out_ptr + pid_m * N + offs_n, res.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """A fixed GEMV launch (bypasses autotuning; tests and the interpreter use it)."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 1  # > 1: the K loop's loads are software-pipelined (cp.async)
+
+
+def _cfg(bn: int, bk: int, warps: int, stages: int = 1) -> triton.Config:
+    kw = {"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages}
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
+
+
+# Few rows a program (enough programs to fill 132 SMs at N = 4096) and long K steps. On the
+# H100 at M = 1, 4- and 8-row tiles with 1024-weight steps were fastest (32 and 64 rows: 1.2x
+# to 3.5x slower); software pipelining (STAGES > 1) never gave the fastest tile.
+GEMV_CONFIGS = [
+    _cfg(4, 1024, 4),
+    _cfg(8, 1024, 4),
+    _cfg(4, 2048, 4),
+    _cfg(2, 1024, 1),
+    _cfg(4, 1024, 1),
+    _cfg(4, 1024, 2),
+    _cfg(8, 1024, 2),
+    _cfg(8, 512, 4, 3),
+]
+
+
+def _fit_block_k(bk: int, k: int, block_size: int) -> int:
+    """The longest K step <= bk that divides K and holds whole scale blocks (powers of two)."""
+    while bk > block_size and (k % bk or bk % block_size):
+        bk //= 2
+    return max(bk, block_size)
+
+
+def _prune(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    k, b = args["K"], args["BLOCK"]
+    out, seen = [], set()
+    for c in configs:
+        bk = _fit_block_k(c.kwargs["BLOCK_K"], k, b)
+        key = (c.kwargs["BLOCK_N"], bk, c.num_warps, c.kwargs["STAGES"])
+        if key not in seen:
+            seen.add(key)
+            out.append(_cfg(*key))
+    return out
+
+
+_gemv = triton.autotune(
+    GEMV_CONFIGS,
+    key=["N", "K", "BLOCK", "MAN", "HAS_GLOBAL", "HAS_BIAS", "X_PAIRS", "USE_ASM"],
+    prune_configs_by={"early_config_prune": _prune},
+    do_bench=_bench_graph,
+)(_fp4_gemv_kernel)
+
+
+def gemv_supported(k: int, block_size: int) -> bool:
+    """K a multiple of the block (and of 2); every block size 4..128 works."""
+    return k % block_size == 0 and k % 2 == 0
+
+
+def fp4_gemv(
+    x2: torch.Tensor,
+    codes: torch.Tensor,
+    scale_codes: torch.Tensor,
+    global_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    block_size: int,
+    scale_man_bits: int,
+    scale_bias: int,
+    use_asm: bool,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """x2 [M, K] (rows contiguous) · dequant(W)ᵀ + bias -> [M, N] in x2's dtype."""
+    m, k = x2.shape
+    n = codes.shape[0]
+    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if m == 0 or n == 0:
+        return out
+    pairs = x2.dtype == torch.bfloat16 and x2.stride(0) % 2 == 0
+    xv = x2.view(torch.int32) if pairs else x2
+    stride = x2.stride(0) // 2 if pairs else x2.stride(0)
+    g = global_scale if global_scale is not None else codes  # unread when HAS_GLOBAL is False
+    b = bias if bias is not None else codes
+    args = (xv, codes, scale_codes, g, b, out, n, k, stride)
+    meta = dict(
+        BLOCK=block_size,
+        MAN=scale_man_bits,
+        BIAS=scale_bias,
+        HAS_GLOBAL=global_scale is not None,
+        HAS_BIAS=bias is not None,
+        X_PAIRS=pairs,
+        USE_ASM=use_asm,
+    )
+    if config is None and _INTERPRET:
+        config = GemvConfig(16, 64)
+    if config is not None:
+        bk = _fit_block_k(config.block_k, k, block_size)
+        grid = (m, triton.cdiv(n, config.block_n))
+        _fp4_gemv_kernel[grid](
+            *args,
+            **meta,
+            BLOCK_N=config.block_n,
+            BLOCK_K=bk,
+            STAGES=config.num_stages,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+    else:
+        grid = lambda meta: (m, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+        _gemv[grid](*args, **meta)
+    return out
