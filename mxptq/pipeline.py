@@ -135,10 +135,22 @@ class Quantizer:
         self.plan, self.device, self.backend = plan, device, _backend(device)
         self.calib = calib or CalibData()
 
-    def _one(self, w: torch.Tensor, name: str, module: str, amax) -> tuple:
+    def _gptq(self, modules: list[str]) -> QuantizedTensor | None:
+        """GPTQ's bytes for these Linears stacked by rows (an expert's gate and up), if any."""
+        parts = [self.calib.gptq.get(m) for m in modules]
+        if not parts or any(p is None for p in parts):
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        return QuantizedTensor(torch.cat([p.codes for p in parts]),
+                               torch.cat([p.scales for p in parts]),
+                               parts[0].global_scale, parts[0].format)
+
+    def _one(self, w: torch.Tensor, name: str, modules: list[str], amax) -> tuple:
         """RTN (importance-weighted when calibration gave one) unless GPTQ already chose the
         bytes; the error is measured against the original weight either way."""
-        qt = self.calib.gptq.get(module)
+        module = modules[0]
+        qt = self._gptq(modules)
         if qt is None:
             imp = self.calib.importance.get(module)
             try:
@@ -173,15 +185,15 @@ class Quantizer:
         stats: list[dict] = []
         for it, w in zip(b.items, dev, strict=True):
             if it.layout is None:
-                qt, err, den = self._one(w, it.name, it.modules[0], amax)
+                qt, err, den = self._one(w, it.name, it.modules[:1], amax)
                 out.update(self._write(it.modules[0], qt))
             else:
                 err = den = 0.0
                 for e in range(w.shape[0]):
                     we = w[e] if it.layout == "out_in" else w[e].t().contiguous()
                     # gate and up of one expert share its input, hence the first's importance
-                    mod = it.modules[e * it.split]
-                    qt, e_err, e_den = self._one(we, f"{it.name}[{e}]", mod, None)
+                    mods = it.modules[e * it.split : (e + 1) * it.split]
+                    qt, e_err, e_den = self._one(we, f"{it.name}[{e}]", mods, None)
                     err, den = err + e_err, den + e_den
                     rows = qt.codes.shape[0] // it.split
                     for j in range(it.split):

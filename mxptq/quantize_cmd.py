@@ -194,7 +194,7 @@ def _fill_empty_amax(stats: dict) -> None:
 
 def run_calibration(plan: Plan, opts: dict) -> CalibData:
     """Calibrate once before streaming: per-Linear input statistics (importance, W4A4 amax)
-    and, with --algo gptq, the GPTQ result of every 2-D Linear the plan quantizes, held in
+    and, with --algo gptq, the GPTQ result of every Linear and expert the plan quantizes, held in
     host memory until its shard is written."""
     from transformers import AutoTokenizer
 
@@ -212,7 +212,6 @@ def run_calibration(plan: Plan, opts: dict) -> CalibData:
     ids = load_calibration(opts["calib"], tok, int(opts["calib-samples"]),
                            int(opts["calib-seqlen"]), int(opts["seed"]))
     planned = [m for it in plan.items if it.action == "quantize" for m in it.modules]
-    linears = {it.modules[0] for it in plan.items if it.action == "quantize" and not it.layout}
     gptq = opts["algo"] == "gptq"
     copts = CalibOptions(
         format=opts["format"], scale=opts["scale"], block_size=opts["block-size"],
@@ -225,7 +224,7 @@ def run_calibration(plan: Plan, opts: dict) -> CalibData:
 
     def on_layer(run) -> None:
         if gptq:
-            done = quantize_layer(run, copts, linears)
+            done = quantize_layer(run, copts, set(planned))
             data.gptq.update({n: qt.to("cpu") for n, qt in done.items()})
         for n, st in run.stats.items():
             st.xtx = None  # the Hessian is used up; keep E[x²] and amax only
@@ -264,8 +263,8 @@ def _notes(planned: list[str], stats: dict, data: CalibData, opts: dict) -> list
     if opts["algo"] == "gptq":
         rtn = [m for m in planned if m not in data.gptq]
         if rtn:
-            notes.append(f"{len(rtn)} quantized Linears (fused 3-D experts or without "
-                         f"statistics, e.g. {rtn[0]}) use RTN instead of GPTQ")
+            notes.append(f"{len(rtn)} quantized Linears without statistics (e.g. {rtn[0]}) "
+                         "use RTN instead of GPTQ")
     return notes
 
 

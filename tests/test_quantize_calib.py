@@ -172,3 +172,68 @@ def test_resume_refuses_other_calibration_flags(tmp_path, monkeypatch):
     monkeypatch.delenv(FAIL_AFTER_ENV)
     r = invoke(out, *CALIB, "--importance", "--seed", "3", "--resume")
     assert r.exit_code == 2 and "other flags" in r.stderr
+
+
+def _tiny_moe(root):
+    """A tiny random Qwen3-MoE with stories260K's tokenizer, saved the hub way (per-expert 2-D
+    tensors) and the transformers-5 way (fused 3-D gate_up_proj / down_proj)."""
+    import shutil
+
+    import transformers as T
+    from safetensors.torch import save_file
+
+    cfg = T.Qwen3MoeConfig(
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=4,
+        num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = T.Qwen3MoeForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 3 * torch.rand_like(p) ** 8)
+    two_d, fused = root / "moe-2d", root / "moe-3d"
+    model.save_pretrained(two_d)
+    fused.mkdir()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert any(k.endswith("experts.gate_up_proj") for k in state)
+    save_file(state, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(two_d / "config.json", fused / "config.json")
+    for folder in (two_d, fused):
+        for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                  "special_tokens_map.json"):
+            shutil.copy(STORIES / f, folder / f)
+    return two_d, fused
+
+
+def test_gptq_covers_moe_experts_in_both_checkpoint_layouts(tmp_path):
+    """Every expert that saw tokens gets GPTQ bytes (not RTN), and a checkpoint storing fused
+    3-D experts gets the same bytes as the per-expert one of the same model."""
+    two_d, fused = _tiny_moe(tmp_path)
+    args = ["--format", "nvfp4", "--scale", "search", *CALIB, "--algo", "gptq"]
+
+    def run(src, out, *extra):
+        r = CliRunner().invoke(app, ["quantize", "--model", str(src), "--out", str(out),
+                                     *args, *extra])
+        assert r.exit_code == 0, r.output + r.stderr
+        return read_checkpoint(out), json.loads((out / "mxptq_report.json").read_text())
+
+    q2, rep = run(two_d, tmp_path / "q2")
+    q3, _ = run(fused, tmp_path / "q3")
+    cal = rep["calibration"]
+    experts = [m for m in q2 if ".experts." in m]
+    assert len(experts) == 2 * 4 * 3 and set(q3) == set(q2)
+    assert not [n for n in cal["notes"] if "instead of GPTQ" in n], cal["notes"]
+    for m in q2:
+        assert torch.equal(q2[m].codes, q3[m].codes), m
+        assert torch.equal(q2[m].scale_codes(), q3[m].scale_codes()), m
+    rtn = CliRunner().invoke(app, ["quantize", "--model", str(two_d), "--out",
+                                   str(tmp_path / "rtn"), "--format", "nvfp4", "--scale",
+                                   "search"])
+    assert rtn.exit_code == 0
+    qr = read_checkpoint(tmp_path / "rtn")
+    routed = [m for m in experts if m not in cal["empty"]]
+    assert routed and all(not torch.equal(q2[m].codes, qr[m].codes) for m in routed)
+    for m in experts:  # gate and up of an expert share one global scale
+        if m.endswith("up_proj"):
+            gate = q2[m.replace("up_proj", "gate_proj")]
+            assert torch.equal(q2[m].global_scale, gate.global_scale)

@@ -18,9 +18,12 @@ from ..formats import get_format
 from ..plan import FUSED_SETS
 from ..tensor import QuantizedTensor, dequantize, quantize_tensor, tensor_amax
 from .gptq import gptq_quantize
+from .hooks import in_out_layout, is_fused_experts
 from .runner import LayerRun
 
 ALGOS = ("rtn", "gptq")
+# Fused expert parameters and the per-expert Linears their rows hold, in order.
+EXPERT_PARAMS = (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",)))
 
 
 @dataclass(frozen=True)
@@ -104,4 +107,35 @@ def quantize_layer(
         qt = quantize_linear(mod.weight.detach(), run.stats[name], opts, amax)
         out[name] = qt
         mod.weight.data = dequantize(qt).to(mod.weight.dtype)
+    for name, mod in run.layer.named_modules():
+        if is_fused_experts(mod):
+            full = f"{run.prefix}.{name}" if name else run.prefix
+            out.update(_quantize_experts(full, mod, run, opts, block, include))
+    return out
+
+
+def _quantize_experts(full: str, mod: nn.Module, run: LayerRun, opts: CalibOptions, block: int,
+                      include: Collection[str] | None) -> dict[str, QuantizedTensor]:
+    """Fused 3-D experts, one expert at a time: its gate and up rows together (one input, one
+    Hessian, one shared global scale, as the writer quantizes them) and its down rows, each
+    by `quantize_linear`; results under the per-expert names the plan and the hooks use
+    (`{full}.{e}.gate_proj` / `.up_proj` / `.down_proj`), weights replaced in place."""
+    in_out = in_out_layout(mod)
+    out: dict[str, QuantizedTensor] = {}
+    for e in range(mod.gate_up_proj.shape[0]):
+        for pname, parts in EXPERT_PARAMS:
+            names = [f"{full}.{e}.{p}" for p in parts]
+            if include is not None and not all(n in include for n in names):
+                continue
+            param = getattr(mod, pname)
+            w = param.data[e].t() if in_out else param.data[e]  # [out, in]
+            if w.shape[1] % block:
+                continue
+            qt = quantize_linear(w, run.stats[names[0]], opts, tensor_amax(w))
+            rows = w.shape[0] // len(parts)
+            for j, n in enumerate(names):
+                sl = slice(j * rows, (j + 1) * rows)
+                out[n] = QuantizedTensor(qt.codes[sl], qt.scales[sl], qt.global_scale, qt.format)
+            deq = dequantize(qt).to(param.dtype)
+            param.data[e] = deq.t() if in_out else deq
     return out

@@ -31,7 +31,7 @@ def is_fused_experts(module: nn.Module) -> bool:
     )
 
 
-def _in_out(module: nn.Module) -> bool:
+def in_out_layout(module: nn.Module) -> bool:
     """True for [E, in, out] expert weights (x @ W); transformers' default is [E, out, in]."""
     gu, d = module.gate_up_proj.shape, module.down_proj.shape
     return gu[1] != 2 * d[2] and gu[2] == 2 * d[1]
@@ -71,7 +71,7 @@ def attach_stat_hooks(
             s = stats[full] = LinearStats(mod.in_features, hessian)
             handles.append(mod.register_forward_pre_hook(_linear_hook(s)))
         elif is_fused_experts(mod):
-            in_out = _in_out(mod)
+            in_out = in_out_layout(mod)
             n_exp = mod.gate_up_proj.shape[0]
             k_gu = mod.gate_up_proj.shape[1 if in_out else 2]
             k_d = mod.down_proj.shape[1 if in_out else 2]
