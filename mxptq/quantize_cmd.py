@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -146,6 +147,8 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
     flags = {k: opts[k] for k in ("format", "scale", "block-size", "dialect", "ignore",
                                   "quantize-lm-head", "device", *CALIB_KEYS)}
     flags["model"] = str(opts["model"])
+    if opts["calib"] and Path(opts["calib"]).is_file():  # --resume must see the same text
+        flags["calib-sha256"] = _file_sha256(Path(opts["calib"]))
     calib = None
     if opts["calib"]:
         calib = run_calibration(plan, opts)
@@ -178,6 +181,14 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
     if as_json:
         print(json.dumps({"plan": plan.summary(), "out": str(out), "error": report["error"],
                           "timings": report["timings"]}, indent=2))
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _fill_empty_amax(stats: dict) -> None:

@@ -174,6 +174,20 @@ def test_resume_refuses_other_calibration_flags(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "other flags" in r.stderr
 
 
+def test_resume_refuses_changed_calibration_text(tmp_path, monkeypatch):
+    """Same --calib path, other contents: the calibration (and so the bytes) would differ."""
+    text = tmp_path / "calib.txt"
+    text.write_text((TEXT / "validation_prefix.txt").read_text())
+    args = ["--calib", text, "--calib-samples", "8", "--calib-seqlen", "64", "--importance"]
+    out = tmp_path / "o"
+    monkeypatch.setenv(FAIL_AFTER_ENV, "1")
+    assert invoke(out, *args).exit_code != 0
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    text.write_text(text.read_text()[::-1])
+    r = invoke(out, *args, "--resume")
+    assert r.exit_code == 2 and "other flags" in r.stderr
+
+
 def _tiny_moe(root):
     """A tiny random Qwen3-MoE with stories260K's tokenizer, saved the hub way (per-expert 2-D
     tensors) and the transformers-5 way (fused 3-D gate_up_proj / down_proj)."""
