@@ -92,6 +92,96 @@ def _fp4_gemv_kernel(
     tl.store(out_ptr + pid_m * N + offs_n, res.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+@triton.jit
+def _e4m3_times_2pow_m8(code):
+    """E4M3 scale codes (int32, 0..127) -> fp32 value·2^-8: the code's bits moved into an fp16
+    (exponent field = E4M3's, mantissa's top 3 bits; subnormals land on fp16 subnormals)."""
+    return ((code & 127) << 7).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["one"])
+def _fp4_gemv_rows_kernel(
+    x_ptr,
+    codes_ptr,
+    scales_ptr,
+    g_ptr,
+    bias_ptr,
+    out_ptr,
+    N,
+    K: tl.constexpr,
+    stride_xm,
+    one,
+    BLOCK: tl.constexpr,
+    MAN: tl.constexpr,
+    BIAS: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    X_PAIRS: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """out[m, n] = Σ_k x[m, k]·W'[n, k] for one token m and BLOCK_N rows (BLOCK >= 8).
+
+    A K step reads the code bytes as WB = BLOCK/8 tiles [BLOCK_N, NB, 4] (4 bytes = 8 weights
+    of each scale block) and x as the matching [NB, 4] tiles of int32 bf16 pairs: both get
+    Triton's 4-wide layout with the scale blocks across threads and the rows inside each
+    thread, so x is loaded and unpacked once a thread for all its rows and no tile changes
+    layout. `one` (a runtime 1) hides the scales' contiguity so that they share that layout."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    NB: tl.constexpr = BLOCK_K // BLOCK
+    HB: tl.constexpr = BLOCK // 2
+    WB: tl.constexpr = BLOCK // 8
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_n = tl.where(n_ok, offs_n, 0)
+    ob = tl.arange(0, NB)
+    o4 = tl.arange(0, 4)
+    byte = ob[:, None] * HB + o4[None, :]  # [NB, 4]: byte j of word 0 of each block
+    c_ptrs = codes_ptr + offs_n[None, :, None] * (K // 2) + byte[:, None, :]
+    s_ptrs = scales_ptr + offs_n[None, :] * (K // BLOCK) + ob[:, None] * one
+    if X_PAIRS:
+        x_ptrs = x_ptr + tl.multiple_of(pid_m * stride_xm, 4) + byte
+    else:
+        x_ptrs = x_ptr + pid_m * stride_xm + 2 * byte
+    acc = tl.zeros((NB, BLOCK_N), dtype=tl.float32)
+    for _ in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        part = tl.zeros((NB, BLOCK_N, 4), dtype=tl.float32)
+        for w in tl.static_range(WB):
+            lo, hi = _decode_bytes(tl.load(c_ptrs + 4 * w), USE_ASM)
+            if X_PAIRS:
+                xp = tl.load(x_ptrs + 4 * w)
+                x_even = (xp << 16).to(tl.float32, bitcast=True)
+                x_odd = (xp & -65536).to(tl.float32, bitcast=True)
+            else:
+                x_even = tl.load(x_ptrs + 8 * w).to(tl.float32)
+                x_odd = tl.load(x_ptrs + 8 * w + 1).to(tl.float32)
+            part += lo * x_even[:, None, :]
+            part += hi * x_odd[:, None, :]
+        code = tl.load(s_ptrs).to(tl.int32)
+        if MAN == 3 and BIAS == 7:
+            s = _e4m3_times_2pow_m8(code)
+        else:
+            s = _scale_times_2pow14(code, MAN, BIAS)
+        acc += tl.sum(part, axis=2) * s
+        c_ptrs += BLOCK_K // 2
+        s_ptrs += NB
+        if X_PAIRS:
+            x_ptrs += BLOCK_K // 2
+        else:
+            x_ptrs += BLOCK_K
+    res = tl.sum(acc, axis=0)
+    if MAN == 3 and BIAS == 7:
+        res = res * 4194304.0  # 2^22: the E4M3 decode's 2^-8 back to the 2^14 convention
+    if HAS_GLOBAL:
+        res = res / tl.load(g_ptr)
+    if HAS_BIAS:
+        res += tl.load(bias_ptr + offs_n).to(tl.float32)
+    tl.store(out_ptr + pid_m * N + offs_n, res.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
 @dataclass(frozen=True)
 class GemvConfig:
     """A fixed GEMV launch (bypasses autotuning; tests and the interpreter use it)."""
@@ -100,6 +190,7 @@ class GemvConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 1  # > 1: the K loop's loads are software-pipelined (cp.async)
+    rows: bool = True  # the rows-in-thread kernel (block sizes >= 8); False: the 3-D tile one
 
 
 def _cfg(bn: int, bk: int, warps: int, stages: int = 1) -> triton.Config:
@@ -150,6 +241,28 @@ _gemv = triton.autotune(
 )(_fp4_gemv_kernel)
 
 
+# Rows-in-thread kernel, H100, M = 1 (fixed-tile sweep, CUDA-graph timing): 4 rows and 512- to
+# 1024-weight steps on one warp were fastest at K = 4096 (N = 6144, 28672), 8 rows with whole
+# 4096-weight steps on 4 warps at N = 4096 and K = 14336; 16 rows on one warp were 2x-3x slower.
+ROWS_CONFIGS = [
+    _cfg(4, 1024, 1),
+    _cfg(4, 512, 1),
+    _cfg(4, 2048, 1),
+    _cfg(4, 1024, 2),
+    _cfg(8, 1024, 2),
+    _cfg(8, 2048, 2),
+    _cfg(8, 4096, 4),
+    _cfg(16, 1024, 4),
+]
+
+_gemv_rows = triton.autotune(
+    ROWS_CONFIGS,
+    key=["N", "K", "BLOCK", "MAN", "BIAS", "HAS_GLOBAL", "HAS_BIAS", "X_PAIRS", "USE_ASM"],
+    prune_configs_by={"early_config_prune": _prune},
+    do_bench=_bench_graph,
+)(_fp4_gemv_rows_kernel)
+
+
 def gemv_supported(k: int, block_size: int) -> bool:
     """K a multiple of the block (and of 2); every block size 4..128 works."""
     return k % block_size == 0 and k % 2 == 0
@@ -173,12 +286,14 @@ def fp4_gemv(
     out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if m == 0 or n == 0:
         return out
-    pairs = x2.dtype == torch.bfloat16 and x2.stride(0) % 2 == 0
+    rows = block_size >= 8 and (config is None or config.rows)
+    # int32 pairs: the rows kernel reads 4 pairs at once, so its rows start 16-byte aligned
+    pairs = x2.dtype == torch.bfloat16 and x2.stride(0) % (8 if rows else 2) == 0
     xv = x2.view(torch.int32) if pairs else x2
     stride = x2.stride(0) // 2 if pairs else x2.stride(0)
     g = global_scale if global_scale is not None else codes  # unread when HAS_GLOBAL is False
     b = bias if bias is not None else codes
-    args = (xv, codes, scale_codes, g, b, out, n, k, stride)
+    args = (xv, codes, scale_codes, g, b, out, n, k, stride) + ((1,) if rows else ())
     meta = dict(
         BLOCK=block_size,
         MAN=scale_man_bits,
@@ -193,7 +308,8 @@ def fp4_gemv(
     if config is not None:
         bk = _fit_block_k(config.block_k, k, block_size)
         grid = (m, triton.cdiv(n, config.block_n))
-        _fp4_gemv_kernel[grid](
+        kernel = _fp4_gemv_rows_kernel if rows else _fp4_gemv_kernel
+        kernel[grid](
             *args,
             **meta,
             BLOCK_N=config.block_n,
@@ -204,5 +320,5 @@ def fp4_gemv(
         )
     else:
         grid = lambda meta: (m, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-        _gemv[grid](*args, **meta)
+        (_gemv_rows if rows else _gemv)[grid](*args, **meta)
     return out

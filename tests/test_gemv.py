@@ -101,6 +101,22 @@ def test_gemv_dtypes_bias_3d(dtype, with_bias):
     assert _rel(out, ref) < tol
 
 
+@pytest.mark.parametrize("block", [8, 16, 32])
+def test_gemv_rows_and_tile_kernels_agree(block):
+    """The rows-in-thread kernel (default for B >= 8, E4M3 scales through their fp16 bit move)
+    and the 3-D tile kernel (B = 4, or rows=False) give the same float64-accurate result."""
+    qt = _quantized(24, 256, get_format("nvfp4", block), seed=block + 1)
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(9))
+    ref = F.linear(x.double(), dequantize(qt).double())
+    for cfg in (gemv.GemvConfig(8, 128, 1), gemv.GemvConfig(8, 128, 1, rows=False)):
+        assert _rel(_call(x, qt, config=cfg), ref) < 1e-6
+    xb = x.to(torch.bfloat16)  # int32 pairs, 4 a thread
+    a = _call(xb, qt, config=gemv.GemvConfig(8, 128, 1))
+    b = _call(xb, qt, config=gemv.GemvConfig(8, 128, 1, rows=False))
+    assert _rel(a, F.linear(xb.double(), dequantize(qt).double())) < 8e-3
+    torch.testing.assert_close(a.float(), b.float(), rtol=8e-3, atol=1e-2)
+
+
 def test_gemv_pairs_need_even_row_stride():
     """A bf16 view whose rows start at odd elements cannot be read as int32 pairs: the
     strided path must serve it, with the same result."""

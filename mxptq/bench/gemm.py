@@ -75,7 +75,8 @@ def _kernel_call(qt: QuantizedTensor, x: torch.Tensor, bias=None, config=None):
 
 def _chosen(m: int) -> str:
     if m <= gemv.GEMV_M_MAX:
-        c = gemv._gemv.best_config
+        tuner = gemv._gemv_rows if hasattr(gemv._gemv_rows, "best_config") else gemv._gemv
+        c = tuner.best_config
         kw = c.kwargs
         return f"gemv n{kw['BLOCK_N']} k{kw['BLOCK_K']} w{c.num_warps} s{kw['STAGES']}"
     tuner = gemm._small if m <= gemm.SMALL_M_MAX else gemm._large
