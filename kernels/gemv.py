@@ -107,6 +107,9 @@ def _fp4_gemv_rows_kernel(
     g_ptr,
     bias_ptr,
     out_ptr,
+    ws_ptr,
+    cnt_ptr,
+    M,
     N,
     K: tl.constexpr,
     stride_xm,
@@ -121,43 +124,59 @@ def _fp4_gemv_rows_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     STAGES: tl.constexpr,
+    SPLIT: tl.constexpr,
+    VB: tl.constexpr,
 ):
     """out[m, n] = Σ_k x[m, k]·W'[n, k] for one token m and BLOCK_N rows (BLOCK >= 8).
 
-    A K step reads the code bytes as WB = BLOCK/8 tiles [BLOCK_N, NB, 4] (4 bytes = 8 weights
-    of each scale block) and x as the matching [NB, 4] tiles of int32 bf16 pairs: both get
-    Triton's 4-wide layout with the scale blocks across threads and the rows inside each
-    thread, so x is loaded and unpacked once a thread for all its rows and no tile changes
-    layout. `one` (a runtime 1) hides the scales' contiguity so that they share that layout."""
-    pid_m = tl.program_id(0)
+    A K step reads the code bytes as WB = BLOCK/(2·VB) tiles [NB, BLOCK_N, VB] (VB = 4 or 8
+    bytes = 8 or 16 weights of each scale block) and x as the matching [NB, VB] tiles of int32
+    bf16 pairs: both get Triton's VB-wide layout with the scale blocks across threads and the
+    rows inside each thread, so x is loaded and unpacked once a thread for all its rows and no
+    tile changes layout. `one` (a runtime 1) hides the scales' contiguity so that they share
+    that layout.
+
+    SPLIT > 1 (split-K): grid axis 0 is (K slice, token), token fastest; each program sums
+    its slice of the K steps and stores the fp32 partial in ws [SPLIT, M, N]; the program that
+    finds the tile's counter (cnt_ptr, int32, zero between launches) at SPLIT - 1 is the last
+    one: it adds the SPLIT partials in slice order (the same sum whichever program comes last),
+    runs the epilogue and puts the counter back to 0."""
+    pid_m = tl.program_id(0) % M
+    pid_k = tl.program_id(0) // M
     pid_n = tl.program_id(1)
     NB: tl.constexpr = BLOCK_K // BLOCK
     HB: tl.constexpr = BLOCK // 2
-    WB: tl.constexpr = BLOCK // 8
+    WB: tl.constexpr = BLOCK // (2 * VB)  # VB code bytes (2·VB weights) a load
+    NSTEP: tl.constexpr = K // BLOCK_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_n = tl.where(n_ok, offs_n, 0)
     ob = tl.arange(0, NB)
-    o4 = tl.arange(0, 4)
-    byte = ob[:, None] * HB + o4[None, :]  # [NB, 4]: byte j of word 0 of each block
+    ov = tl.arange(0, VB)
+    byte = ob[:, None] * HB + ov[None, :]  # [NB, VB]: byte j of the first load of each block
     c_ptrs = codes_ptr + offs_n[None, :, None] * (K // 2) + byte[:, None, :]
     s_ptrs = scales_ptr + offs_n[None, :] * (K // BLOCK) + ob[:, None] * one
     if X_PAIRS:
         x_ptrs = x_ptr + tl.multiple_of(pid_m * stride_xm, 4) + byte
     else:
         x_ptrs = x_ptr + pid_m * stride_xm + 2 * byte
+    if SPLIT > 1:  # SPLIT divides the K steps
+        s0 = pid_k * (NSTEP // SPLIT)
+        c_ptrs += s0 * (BLOCK_K // 2)
+        s_ptrs += s0 * NB
+        x_ptrs += s0 * (BLOCK_K // 2 if X_PAIRS else BLOCK_K)
     acc = tl.zeros((NB, BLOCK_N), dtype=tl.float32)
-    for _ in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        part = tl.zeros((NB, BLOCK_N, 4), dtype=tl.float32)
+    for _ in tl.range(0, NSTEP // SPLIT, num_stages=STAGES):
+        part = tl.zeros((NB, BLOCK_N, VB), dtype=tl.float32)
         for w in tl.static_range(WB):
-            lo, hi = _decode_bytes(tl.load(c_ptrs + 4 * w), USE_ASM)
+            lo, hi = _decode_bytes(tl.load(c_ptrs + VB * w), USE_ASM)
             if X_PAIRS:
-                xp = tl.load(x_ptrs + 4 * w)
+                xp = tl.load(x_ptrs + VB * w)
                 x_even = (xp << 16).to(tl.float32, bitcast=True)
                 x_odd = (xp & -65536).to(tl.float32, bitcast=True)
             else:
-                x_even = tl.load(x_ptrs + 8 * w).to(tl.float32)
-                x_odd = tl.load(x_ptrs + 8 * w + 1).to(tl.float32)
+                x_even = tl.load(x_ptrs + 2 * VB * w).to(tl.float32)
+                x_odd = tl.load(x_ptrs + 2 * VB * w + 1).to(tl.float32)
             part += lo * x_even[:, None, :]
             part += hi * x_odd[:, None, :]
         code = tl.load(s_ptrs).to(tl.int32)
@@ -173,6 +192,50 @@ def _fp4_gemv_rows_kernel(
         else:
             x_ptrs += BLOCK_K
     res = tl.sum(acc, axis=0)
+    if SPLIT > 1:
+        tl.store(ws_ptr + (pid_k * M + pid_m) * N + offs_n, res, mask=n_ok)
+        tl.debug_barrier()  # every thread's partial is written before the counter's release
+        cnt = cnt_ptr + pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+            res = tl.load(ws_ptr + pid_m * N + offs_n, cache_modifier=".cg")
+            for j in tl.static_range(1, SPLIT):
+                res += tl.load(ws_ptr + (j * M + pid_m) * N + offs_n, cache_modifier=".cg")
+            tl.store(cnt, 0)
+            _rows_epilogue(
+                res,
+                g_ptr,
+                bias_ptr,
+                out_ptr,
+                pid_m,
+                N,
+                offs_n,
+                n_ok,
+                MAN,
+                BIAS,
+                HAS_GLOBAL,
+                HAS_BIAS,
+            )
+    else:
+        _rows_epilogue(
+            res, g_ptr, bias_ptr, out_ptr, pid_m, N, offs_n, n_ok, MAN, BIAS, HAS_GLOBAL, HAS_BIAS
+        )
+
+
+@triton.jit
+def _rows_epilogue(
+    res,
+    g_ptr,
+    bias_ptr,
+    out_ptr,
+    pid_m,
+    N,
+    offs_n,
+    n_ok,
+    MAN: tl.constexpr,
+    BIAS: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
     if MAN == 3 and BIAS == 7:
         res = res * 4194304.0  # 2^22: the E4M3 decode's 2^-8 back to the 2^14 convention
     if HAS_GLOBAL:
@@ -191,10 +254,17 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 1  # > 1: the K loop's loads are software-pipelined (cp.async)
     rows: bool = True  # the rows-in-thread kernel (block sizes >= 8); False: the 3-D tile one
+    split: int = 1  # rows kernel: K slices a tile (split-K, reduced by the last program)
+    wide: bool = False  # rows kernel: 8-byte code loads (16 weights) where B >= 16, else 4
 
 
-def _cfg(bn: int, bk: int, warps: int, stages: int = 1) -> triton.Config:
+def _cfg(
+    bn: int, bk: int, warps: int, stages: int = 1, split: int | None = None, vb: int = 4
+) -> triton.Config:
     kw = {"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages}
+    if split is not None:  # rows kernel
+        kw["SPLIT"] = split
+        kw["VB"] = vb
     return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
@@ -220,13 +290,31 @@ def _fit_block_k(bk: int, k: int, block_size: int) -> int:
     return max(bk, block_size)
 
 
+def _fit_split(split: int, steps: int) -> int:
+    """The most K slices <= split that divide the K steps evenly."""
+    split = max(1, min(split, steps))
+    while steps % split:
+        split -= 1
+    return split
+
+
+def _fit_vb(vb: int, block_size: int) -> int:
+    """Code bytes a load in the rows kernel: 8 needs B >= 16 (a block holds B/2 bytes)."""
+    return 8 if vb == 8 and block_size >= 16 else 4
+
+
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     k, b = args["K"], args["BLOCK"]
     out, seen = [], set()
     for c in configs:
         bk = _fit_block_k(c.kwargs["BLOCK_K"], k, b)
-        key = (c.kwargs["BLOCK_N"], bk, c.num_warps, c.kwargs["STAGES"])
+        split = c.kwargs.get("SPLIT")
+        vb = 4
+        if split is not None:
+            split = _fit_split(split, k // bk)
+            vb = _fit_vb(c.kwargs["VB"], b)
+        key = (c.kwargs["BLOCK_N"], bk, c.num_warps, c.kwargs["STAGES"], split, vb)
         if key not in seen:
             seen.add(key)
             out.append(_cfg(*key))
@@ -241,19 +329,26 @@ _gemv = triton.autotune(
 )(_fp4_gemv_kernel)
 
 
-# Rows-in-thread kernel, H100, M = 1 (fixed-tile sweep, CUDA-graph timing): 4 rows and 512- to
-# 1024-weight steps on one warp were fastest at K = 4096 (N = 6144, 28672), 8 rows with whole
-# 4096-weight steps on 4 warps at N = 4096 and K = 14336; 16 rows on one warp were 2x-3x slower.
+# Rows-in-thread kernel, H100, M = 1 (fixed-tile sweep, CUDA-graph timing): the fastest tiles
+# per shape: 2 rows/1024-weight steps/2 warps and 4 rows/4096/4 warps at 4096x4096, 4/1024/1
+# at 6144x4096 and 28672x4096, 8/1024/2 with 2 K slices at 4096x14336; split-K lost at K = 4096
+# and num_stages > 1 was 4x-6x slower everywhere. Each tile with 4- and 8-byte code loads.
 ROWS_CONFIGS = [
-    _cfg(4, 1024, 1),
-    _cfg(4, 512, 1),
-    _cfg(4, 2048, 1),
-    _cfg(4, 1024, 2),
-    _cfg(8, 1024, 2),
-    _cfg(8, 2048, 2),
-    _cfg(8, 4096, 4),
-    _cfg(16, 1024, 4),
+    _cfg(bn, bk, w, 1, split, vb)
+    for bn, bk, w, split in [
+        (4, 1024, 1, 1),
+        (2, 1024, 2, 1),
+        (4, 4096, 4, 1),
+        (2, 2048, 2, 1),
+        (8, 4096, 4, 1),
+        (8, 2048, 4, 1),
+        (8, 1024, 2, 2),
+        (4, 1024, 1, 2),
+    ]
+    for vb in (4, 8)
 ]
+ROWS_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in ROWS_CONFIGS)
+ROWS_MAX_SPLIT = max(c.kwargs["SPLIT"] for c in ROWS_CONFIGS)
 
 _gemv_rows = triton.autotune(
     ROWS_CONFIGS,
@@ -293,7 +388,14 @@ def fp4_gemv(
     stride = x2.stride(0) // 2 if pairs else x2.stride(0)
     g = global_scale if global_scale is not None else codes  # unread when HAS_GLOBAL is False
     b = bias if bias is not None else codes
-    args = (xv, codes, scale_codes, g, b, out, n, k, stride) + ((1,) if rows else ())
+    if rows:
+        # split-K scratch: fp32 partials for the largest split, and the tiles' counters
+        split_max = max(ROWS_MAX_SPLIT, config.split if config is not None else 1)
+        ws = torch.empty((split_max * m * n,), dtype=torch.float32, device=x2.device)
+        cnt = _counters(x2.device, m * triton.cdiv(n, ROWS_MIN_BLOCK_N))
+        args = (xv, codes, scale_codes, g, b, out, ws, cnt, m, n, k, stride, 1)
+    else:
+        args = (xv, codes, scale_codes, g, b, out, n, k, stride)
     meta = dict(
         BLOCK=block_size,
         MAN=scale_man_bits,
@@ -307,18 +409,45 @@ def fp4_gemv(
         config = GemvConfig(16, 64)
     if config is not None:
         bk = _fit_block_k(config.block_k, k, block_size)
-        grid = (m, triton.cdiv(n, config.block_n))
         kernel = _fp4_gemv_rows_kernel if rows else _fp4_gemv_kernel
+        extra = {}
+        split = 1
+        if rows:
+            split = _fit_split(config.split, k // bk)
+            extra["SPLIT"] = split
+            extra["VB"] = _fit_vb(8 if config.wide else 4, block_size)
+            if triton.cdiv(n, config.block_n) * m > cnt.numel():
+                cnt = _counters(x2.device, m * triton.cdiv(n, config.block_n))
+                args = args[:7] + (cnt,) + args[8:]
+        grid = (m * split, triton.cdiv(n, config.block_n))
         kernel[grid](
             *args,
             **meta,
+            **extra,
             BLOCK_N=config.block_n,
             BLOCK_K=bk,
             STAGES=config.num_stages,
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         )
+    elif rows:
+        grid = lambda meta: (m * meta["SPLIT"], triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+        _gemv_rows[grid](*args, **meta)
     else:
         grid = lambda meta: (m, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-        (_gemv_rows if rows else _gemv)[grid](*args, **meta)
+        _gemv[grid](*args, **meta)
     return out
+
+
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _counters(device: torch.device, size: int) -> torch.Tensor:
+    """Split-K tile counters, int32 zeros that every launch leaves at zero. A larger request
+    allocates a new buffer; the old ones stay alive (a captured CUDA graph may point at them).
+    Launches that run concurrently on several streams must not share them (one stream is fine:
+    its kernels run one after the other)."""
+    bufs = _COUNTERS.setdefault(device, [])
+    if not bufs or bufs[-1].numel() < size:
+        bufs.append(torch.zeros(max(size, 1 << 14), dtype=torch.int32, device=device))
+    return bufs[-1]

@@ -117,6 +117,39 @@ def test_gemv_rows_and_tile_kernels_agree(block):
     torch.testing.assert_close(a.float(), b.float(), rtol=8e-3, atol=1e-2)
 
 
+@pytest.mark.parametrize(("name", "block", "codec"), [f for f in FORMATS if f[1] >= 8])
+def test_gemv_split_k(name, block, codec):
+    """Split-K (rows kernel; 8-byte loads in the bf16 case): K slices summed by the tile's
+    last program in slice order. Same float64 accuracy for every format the rows kernel takes,
+    1 and 3 tokens, ragged N, bias; bit-identical run to run, and the tile counters are back at
+    zero after each launch."""
+    qt = _quantized(21, 512, _fmt(name, block, codec), seed=block + 7)
+    bias = torch.randn(21, generator=torch.Generator().manual_seed(3))
+    for m in (1, 3):
+        x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))
+        ref = F.linear(x.double(), dequantize(qt).double(), bias.double())
+        bk = max(128, block)
+        cfg = gemv.GemvConfig(8, bk, 1, split=512 // bk)
+        out = _call(x, qt, bias, cfg)
+        assert _rel(out, ref) < 1e-6
+        assert torch.equal(out, _call(x, qt, bias, cfg))
+        assert not gemv._COUNTERS[x.device][-1].any()
+        xb = x.to(torch.bfloat16)
+        ob = _call(xb, qt, bias.to(torch.bfloat16), gemv.GemvConfig(16, bk, 1, split=2, wide=True))
+        refb = F.linear(xb.double(), dequantize(qt).double(), bias.double())
+        assert _rel(ob, refb) < 8e-3
+
+
+def test_split_fitting():
+    assert gemv._fit_split(4, 4) == 4
+    assert gemv._fit_split(4, 14) == 2  # slices hold whole, equal numbers of K steps
+    assert gemv._fit_split(8, 7) == 7
+    assert gemv._fit_split(4, 1) == 1
+    cfgs = gemv._prune(gemv.ROWS_CONFIGS, {"K": 14336, "BLOCK": 16})
+    for c in cfgs:
+        assert (14336 // c.kwargs["BLOCK_K"]) % c.kwargs["SPLIT"] == 0
+
+
 def test_gemv_pairs_need_even_row_stride():
     """A bf16 view whose rows start at odd elements cannot be read as int32 pairs: the
     strided path must serve it, with the same result."""

@@ -78,7 +78,9 @@ def _chosen(m: int) -> str:
         tuner = gemv._gemv_rows if hasattr(gemv._gemv_rows, "best_config") else gemv._gemv
         c = tuner.best_config
         kw = c.kwargs
-        return f"gemv n{kw['BLOCK_N']} k{kw['BLOCK_K']} w{c.num_warps} s{kw['STAGES']}"
+        split = f" split{kw['SPLIT']}" if kw.get("SPLIT", 1) > 1 else ""
+        split += " v8" if kw.get("VB") == 8 else ""
+        return f"gemv n{kw['BLOCK_N']} k{kw['BLOCK_K']} w{c.num_warps} s{kw['STAGES']}{split}"
     tuner = gemm._small if m <= gemm.SMALL_M_MAX else gemm._large
     c = tuner.best_config
     kw = c.kwargs
