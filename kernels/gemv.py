@@ -439,15 +439,16 @@ def fp4_gemv(
     return out
 
 
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+_COUNTERS: dict[tuple, list[torch.Tensor]] = {}
 
 
 def _counters(device: torch.device, size: int) -> torch.Tensor:
-    """Split-K tile counters, int32 zeros that every launch leaves at zero. A larger request
-    allocates a new buffer; the old ones stay alive (a captured CUDA graph may point at them).
-    Launches that run concurrently on several streams must not share them (one stream is fine:
-    its kernels run one after the other)."""
-    bufs = _COUNTERS.setdefault(device, [])
+    """Split-K tile counters, int32 zeros that every launch leaves at zero, one set per CUDA
+    stream: kernels of one stream run one after the other, so they never share a counter at
+    the same time. A larger request allocates a new buffer; the old ones stay alive (a captured
+    CUDA graph may point at them)."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    bufs = _COUNTERS.setdefault(key, [])
     if not bufs or bufs[-1].numel() < size:
         bufs.append(torch.zeros(max(size, 1 << 14), dtype=torch.int32, device=device))
     return bufs[-1]
