@@ -215,6 +215,7 @@ def run_calibration(plan: Plan, opts: dict) -> CalibData:
         calibrate,
         fused_groups,
         load_calibration,
+        model_names,
         quantize_layer,
     )
 
@@ -232,14 +233,15 @@ def run_calibration(plan: Plan, opts: dict) -> CalibData:
     )
     data = CalibData()
     stats: dict = {}
+    to_ckpt = model_names(planned)  # the model's module names -> the plan's
 
     def on_layer(run) -> None:
         if gptq:
-            done = quantize_layer(run, copts, set(planned))
-            data.gptq.update({n: qt.to("cpu") for n, qt in done.items()})
+            done = quantize_layer(run, copts, set(to_ckpt))
+            data.gptq.update({to_ckpt[n]: qt.to("cpu") for n, qt in done.items()})
         for n, st in run.stats.items():
             st.xtx = None  # the Hessian is used up; keep E[x²] and amax only
-            stats[n] = st.to("cpu")
+            stats[to_ckpt.get(n, n)] = st.to("cpu")
 
     calibrate(plan.model_dir, ids, device=resolve_device(opts["device"]), hessian=gptq,
               on_layer=on_layer, sequential=gptq, keep_stats=False)

@@ -251,3 +251,40 @@ def test_gptq_covers_moe_experts_in_both_checkpoint_layouts(tmp_path):
         if m.endswith("up_proj"):
             gate = q2[m.replace("up_proj", "gate_proj")]
             assert torch.equal(q2[m].global_scale, gate.global_scale)
+
+
+def test_mixtral_expert_names_get_their_statistics(tmp_path):
+    """Mixtral checkpoints name experts `block_sparse_moe.experts.E.w1/w3/w2`; transformers 5
+    fuses them into `mlp.experts`, where the statistics are collected. Each checkpoint tensor
+    must still get its expert's importance and GPTQ bytes (not the RTN fallback)."""
+    import shutil
+
+    import transformers as T
+
+    cfg = T.MixtralConfig(
+        hidden_size=64, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        vocab_size=512, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    src = tmp_path / "mixtral"
+    T.MixtralForCausalLM(cfg).save_pretrained(src)
+    for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+              "special_tokens_map.json"):
+        shutil.copy(STORIES / f, src / f)
+
+    def run(out, *extra):
+        r = CliRunner().invoke(app, ["quantize", "--model", str(src), "--out", str(out),
+                                     "--format", "nvfp4", *extra])
+        assert r.exit_code == 0, r.output + r.stderr
+        return read_checkpoint(out), json.loads((out / "mxptq_report.json").read_text())
+
+    q, rep = run(tmp_path / "gptq", *CALIB, "--algo", "gptq", "--importance")
+    qr, _ = run(tmp_path / "rtn")
+    experts = [m for m in q if ".block_sparse_moe.experts." in m]
+    assert len(experts) == 2 * 4 * 3
+    assert rep["calibration"]["notes"] == [], rep["calibration"]["notes"]
+    routed = [m for m in experts if m not in rep["calibration"]["empty"]]
+    assert routed and all(not torch.equal(q[m].codes, qr[m].codes) for m in routed)
+    for m in experts:
+        if m.endswith(".w3"):
+            assert torch.equal(q[m].global_scale, q[m[:-2] + "w1"].global_scale)

@@ -7,7 +7,7 @@ from .activations import (
     attach_activation_fake_quant,
     fake_quantize_activation,
 )
-from .apply import CalibOptions, fused_groups, quantize_layer, quantize_linear
+from .apply import CalibOptions, fused_groups, model_names, quantize_layer, quantize_linear
 from .data import load_calibration, load_text
 from .gptq import GPTQResult, gptq_quantize
 from .runner import CalibrationResult, LayerRun, calibrate
@@ -28,6 +28,7 @@ __all__ = [
     "gptq_quantize",
     "load_calibration",
     "load_text",
+    "model_names",
     "quantize_layer",
     "quantize_linear",
 ]

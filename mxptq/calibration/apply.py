@@ -8,6 +8,7 @@ calibrated on what the quantized model computes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -46,6 +47,24 @@ class CalibOptions:
     @property
     def needs_hessian(self) -> bool:
         return self.algo == "gptq"
+
+
+# Checkpoint expert names that transformers renames when it fuses experts at load time
+# (its conversion mapping, e.g. Mixtral's `block_sparse_moe.experts.E.w1/w3/w2`), as the
+# names the calibrated model's statistics carry.
+_EXPERT = re.compile(r"^(.*)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)$")
+_EXPERT_LEAF = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def model_names(checkpoint_names: Collection[str]) -> dict[str, str]:
+    """Calibrated-model module name -> checkpoint module name, for every checkpoint name (the
+    identity except for renamed experts), so that statistics and GPTQ results computed on the
+    model find the checkpoint tensors they belong to."""
+    out = {}
+    for name in checkpoint_names:
+        m = _EXPERT.match(name)
+        out[f"{m[1]}.mlp.experts.{m[2]}.{_EXPERT_LEAF[m[3]]}" if m else name] = name
+    return out
 
 
 def fused_partners(name: str, names: list[str]) -> list[str]:
