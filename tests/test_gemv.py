@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from quant_helpers import KERNEL_FORMATS
 
 from mxptq import QuantizedTensor, dequantize, get_format, quantize_tensor
 from mxptq.formats import e2m1_values
@@ -27,19 +28,7 @@ except ImportError:  # triton missing or broken
 
 pytestmark = pytest.mark.skipif(gemv is None, reason="triton is not importable")
 
-FORMATS = [
-    ("nvfp4", 4, None),
-    ("nvfp4", 8, None),
-    ("nvfp4", 16, None),
-    ("nvfp4", 32, None),
-    ("nvfp4", 128, None),
-    ("nvfp4-ue5m3", 16, None),
-    ("nvfp4-ue5m3", 64, None),
-    ("nvfp4-ue5m3", 16, "ue5m3-ieee"),
-    ("mxfp4", 4, None),
-    ("mxfp4", 32, None),
-    ("mxfp4", 128, None),
-]
+FORMATS = KERNEL_FORMATS
 
 
 def _fmt(name, block, codec):

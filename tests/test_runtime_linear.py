@@ -15,6 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 import torch.nn.functional as F
+from quant_helpers import KERNEL_FORMATS
 from torch import nn
 
 from mxptq import QuantizedTensor, dequantize, get_format, quantize_tensor
@@ -27,21 +28,7 @@ except ImportError:  # triton missing or broken: the torch path is still tested
 
 needs_triton = pytest.mark.skipif(fp4_linear is None, reason="triton is not importable")
 
-# (format name, block size, scale codec override)
-FORMATS = [
-    ("nvfp4", 4, None),
-    ("nvfp4", 8, None),
-    ("nvfp4", 16, None),
-    ("nvfp4", 32, None),
-    ("nvfp4", 64, None),
-    ("nvfp4", 128, None),
-    ("nvfp4-ue5m3", 16, None),
-    ("nvfp4-ue5m3", 64, None),
-    ("nvfp4-ue5m3", 16, "ue5m3-ieee"),
-    ("mxfp4", 32, None),
-    ("mxfp4", 4, None),
-    ("mxfp4", 128, None),
-]
+FORMATS = KERNEL_FORMATS
 
 
 def _fmt(name: str, block: int, codec: str | None):
