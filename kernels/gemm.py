@@ -385,3 +385,20 @@ def fp4_linear(
 
 
 from . import gemv as _gemv  # noqa: E402  (gemv imports this module's jitted helpers)
+
+
+def quantized_linear(x: torch.Tensor, qt, bias: torch.Tensor | None = None, config=None):
+    """`fp4_linear` on a QuantizedTensor's bytes (block-scale codes read as uint8, whatever
+    their storage dtype); `config` fixes the tile (GemmConfig or gemv.GemvConfig)."""
+    sc = qt.format.scale
+    return fp4_linear(
+        x,
+        qt.codes,
+        qt.scales.view(torch.uint8),
+        qt.global_scale,
+        bias,
+        qt.format.block_size,
+        sc.man_bits,
+        sc.bias,
+        config=config,
+    )

@@ -42,18 +42,7 @@ def _quantized(n: int, k: int, fmt, seed: int = 0) -> QuantizedTensor:
 
 
 def _call(x, qt, bias=None, config=None):
-    sc = qt.format.scale
-    return gemm.fp4_linear(
-        x,
-        qt.codes,
-        qt.scales.view(torch.uint8),
-        qt.global_scale,
-        bias,
-        qt.format.block_size,
-        sc.man_bits,
-        sc.bias,
-        config=config,
-    )
+    return gemm.quantized_linear(x, qt, bias, config)
 
 
 def _rel(out, ref) -> float:

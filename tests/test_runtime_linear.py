@@ -22,7 +22,7 @@ from mxptq import QuantizedTensor, dequantize, get_format, quantize_tensor
 from mxptq.runtime import PackedLinear, linear_weight_bytes, pack_linears
 
 try:
-    from mxptq.kernels.gemm import GemmConfig, fp4_linear
+    from mxptq.kernels.gemm import GemmConfig, fp4_linear, quantized_linear
 except ImportError:  # triton missing or broken: the torch path is still tested
     fp4_linear = None
 
@@ -84,18 +84,7 @@ VARIANTS = {"small": SMALL, "large": LARGE, "halves": HALVES}
 
 
 def _kernel(x, qt, bias, config):
-    sc = qt.format.scale
-    return fp4_linear(
-        x,
-        qt.codes,
-        qt.scales.view(torch.uint8),
-        qt.global_scale,
-        bias,
-        qt.format.block_size,
-        sc.man_bits,
-        sc.bias,
-        config=config,
-    )
+    return quantized_linear(x, qt, bias, config)
 
 
 @needs_triton

@@ -67,12 +67,6 @@ def _copy_bandwidth() -> float:
     return 2 * a.numel() * 4 / t / 1e12
 
 
-def _kernel_call(qt: QuantizedTensor, x: torch.Tensor, bias=None, config=None):
-    sc = qt.format.scale
-    args = (x, qt.codes, qt.scales.view(torch.uint8), qt.global_scale, bias)
-    return gemm.fp4_linear(*args, qt.format.block_size, sc.man_bits, sc.bias, config=config)
-
-
 def _chosen(m: int) -> str:
     if m <= gemv.GEMV_M_MAX:
         tuner = gemv._gemv_rows if hasattr(gemv._gemv_rows, "best_config") else gemv._gemv
@@ -114,7 +108,7 @@ def check_formats() -> list[str]:
             for m, cfg in configs:
                 x = torch.randn(m, 512, device="cuda", generator=gen).to(dtype)
                 ref = F.linear(x.double(), dequantize(qt).double(), bias.double())
-                worst = max(worst, _rel(_kernel_call(qt, x, bias.to(dtype), cfg), ref))
+                worst = max(worst, _rel(gemm.quantized_linear(x, qt, bias.to(dtype), cfg), ref))
         lines.append(
             f"check {fmt} B={b}: worst rel err {worst:.1e} (bf16/fp16/fp32, 5 tiles, bias)"
         )
@@ -149,7 +143,7 @@ def run(fmt: str, ms: list[int]) -> list[str]:
             err = _rel(packed[0](x), F.linear(x, dense))
             t_bf16 = _graph_time([lambda x=x, w=w: F.linear(x, w) for w in dense_w])
             t_ours = _graph_time([lambda x=x, p=p: p(x) for p in packed])
-            t_fused = _graph_time([lambda x=x, q=q: _kernel_call(q, x) for q in qts])
+            t_fused = _graph_time([lambda x=x, q=q: gemm.quantized_linear(x, q) for q in qts])
             tile = _chosen(m)
             t_deq = _graph_time(
                 [lambda x=x, q=q: F.linear(x, triton_dequantize(q, torch.bfloat16)) for q in qts]

@@ -99,11 +99,8 @@ def gptq_quantize(
 
     n_groups = k // bs
     sc = torch.zeros((n, n_groups), dtype=torch.int32, device=dev)
-    have = torch.zeros(n_groups, dtype=torch.bool)
     if scales == "static":
         sc[:] = S.select_codes(w.float().view(n, n_groups, bs), fmt, cfg, g, hb)
-        have[:] = True
-    group_of = (perm // bs).tolist()
     Q = torch.zeros_like(W)
     codes = torch.zeros((n, k), dtype=torch.uint8, device=dev)
 
@@ -121,8 +118,8 @@ def gptq_quantize(
             )
             W[:, i2:] -= err1 @ Hinv[i1:i2, i2:]
     else:
-        _column_loop(W, Hinv, Q, codes, sc, have, group_of, invperm, hb, fmt, cfg, g, inv_g,
-                     block)
+        _column_loop(W, Hinv, Q, codes, sc, scales == "static", perm, invperm, hb, fmt, cfg, g,
+                     inv_g, block)
 
     qt = QuantizedTensor(
         pack_e2m1(codes[:, invperm]),
@@ -143,11 +140,14 @@ def _use_kernel(backend: str, dev: torch.device, block: int, bs: int, act_order:
     return supported(block, bs, act_order)
 
 
-def _column_loop(W, Hinv, Q, codes, sc, have, group_of, invperm, hb, fmt, cfg, g, inv_g, block):
-    """The reference GPTQ loop in torch: column by column, lazy batch updates per block."""
+def _column_loop(W, Hinv, Q, codes, sc, static, perm, invperm, hb, fmt, cfg, g, inv_g, block):
+    """The reference GPTQ loop in torch: column by column, lazy batch updates per block; with
+    `static` scales `sc` is already filled, else each group's is chosen on first reaching it."""
     n, k = W.shape
     bs = fmt.block_size
     dev = W.device
+    have = torch.full((k // bs,), static, dtype=torch.bool)
+    group_of = (perm // bs).tolist()
     table = fmt.scale.table(dev)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)

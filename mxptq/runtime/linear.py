@@ -96,17 +96,7 @@ class PackedLinear(nn.Module):
             if x.numel() >= DENSE_M_MIN * self.in_features:
                 w = _triton_dequantize(self.quantized(), x.dtype)  # dropped after this call
                 return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
-            sc = self.format.scale
-            return _gemm.fp4_linear(
-                x,
-                self.codes,
-                self.scales.view(torch.uint8),  # the codes' bytes, whatever the storage dtype
-                self.global_scale,
-                self.bias,
-                b,
-                sc.man_bits,
-                sc.bias,
-            )
+            return _gemm.quantized_linear(x, self.quantized(), self.bias)
         return self._forward_torch(x)
 
     def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
