@@ -1,23 +1,26 @@
 """Fused FP4 dequantize-GEMM (W4A16): out = x · dequant(W)ᵀ (+ b), weights kept packed.
 
 The kernel computes the transposed product outᵀ[N, M] = W'[N, K] · xᵀ[K, M] ("swap AB"), so the
-dequantized weight tile is the register-resident A operand of the tensor-core dot (on Hopper a
-wgmma may take A from registers, B from shared memory) and the token dimension M is the dot's
-narrow N side: a single token pads to 16 columns, not to 64 rows.
+dequantized weight tile is the register-resident A operand of the tensor-core dot and the token
+dimension M is the dot's narrow N side: a single token pads to 16 columns, not to 64 rows.
 
-Dequantization is exact and runs in registers. A nibble's bits are moved into an fp16 pattern
-((c & 7) << 9 | (c & 8) << 12) whose value is E2M1(c)·2^-14 (code 1, the value 0.5, lands on
-an fp16 subnormal), and the block scale is decoded with 2^14 folded in, so the product is
-E2M1·S exactly; it has at most 5 significant bits and so is exact in bf16 too. The global scale
-divides the fp32 accumulator once in the epilogue, not every weight.
+Dequantization is exact and runs in registers, by one of two decoders:
 
-Compiled kernels decode four code bytes at once with inline PTX (`_decode_bytes`: a shift of
-the whole 32-bit register moves one nibble of each 16-bit half, so one shift/mask/or makes two
-fp16 weights); the interpreter runs the same formula in plain Triton.
+- bf16 pairs (`pairs_apply`: bf16 activations, B >= 8, E4M3/UE5M3 scales): inline PTX turns a
+  word of 8 codes into 8 bf16 weights E2M1·S·2^(PAIR_SHIFT-126), two a register, with one
+  prmt/shift/2-mask sequence and one bf16x2 FMA by the block scale per pair (`_WORDS_ASM`);
+  the epilogue undoes the power of two. About 5 instructions a weight in the skinny loop.
+- fp32 (otherwise): a nibble's bits are moved into an fp16 pattern ((c & 7) << 9 | (c & 8) <<
+  12) whose value is E2M1(c)·2^-14, four code bytes at a time with inline PTX
+  (`_decode_bytes`), and multiplied in fp32 by the block scale decoded with 2^14 folded in.
+
+Either way the product E2M1·S has at most 5 significant bits and is exact; the global scale
+divides the fp32 accumulator once in the epilogue, not every weight. The interpreter runs
+plain-Triton twins of the PTX.
 
 `fp4_linear` sends up to `gemv.GEMV_M_MAX` tokens to the GEMV of `gemv.py`; above that one
-jitted body serves two autotuned launchers chosen by M: narrow tiles for M <= 64 (many
-programs along N, long K steps so that each row read is 128 bytes wide) and 128-wide tiles
+jitted body serves two autotuned launchers chosen by M: skinny tiles for M <= 64 (32 rows on
+2 warps, optional split-K reduced in slice order by the tile's last program) and 128-wide tiles
 with deeper pipelines for the compute-bound large-M case.
 """
 
@@ -109,6 +112,108 @@ def _decode_bytes(c, USE_ASM: tl.constexpr):
     return lo, hi
 
 
+# bf16 "pairs" decoding (bf16 activations, scale codecs with a mantissa, B >= 8): weights leave
+# the decoder as bf16 values E2M1·S·2^(PAIR_SHIFT - 126), already scaled and in the dot's dtype,
+# two a register. A nibble's sign goes to bf16 bit 15 and its 3 magnitude bits to bits 6..8:
+# exponent field e, so the value is E2M1·2^-126 (code 1 on a bf16 subnormal); one bf16x2 FMA
+# by S·2^PAIR_SHIFT (block scale, decoded once a block) scales both halves. Every product has
+# at most 6 significant bits and, for E4M3 and UE5M3 scales, lies in bf16's normal range
+# (2^-44 .. 2^121), so it is exact; the epilogue multiplies the fp32 result by 2^(126 - shift).
+PAIR_SHIFT = 100
+_PAIR_UNSCALE = tl.constexpr(2.0 ** (126 - PAIR_SHIFT))
+_PAIR_SCALE = tl.constexpr(2.0 ** (PAIR_SHIFT - 14))  # times the decoder's S·2^14
+_PAIR_SCALE_E4M3 = tl.constexpr(2.0 ** (PAIR_SHIFT + 8))  # times E4M3's S·2^-8
+
+# PTX for `_decode_words`: one word of 8 codes ($8, weights k0..k7 in nibbles 0..7) and its
+# scale pair ($9: S·2^PAIR_SHIFT as bf16 in both halves) -> 8 bf16 weights $0..$7 (k order).
+# For byte j, prmt puts its low nibble (from q << 4) and its high nibble at the top of the two
+# 16-bit halves; the signs stay at bits 15/31, `>> 6` moves the magnitudes to bits 6..8 /
+# 22..24, and fma(pair, scale, -0) scales both weights at once.
+_WORDS_ASM = tl.constexpr(
+    """
+{
+.reg .b32 q4, r, t, z;
+mov.b32 z, 0x80008000;
+shl.b32 q4, $8, 4;
+"""
+    + "".join(
+        f"""prmt.b32 r, q4, $8, 0x{4 + j}{4 + j}{j}{j};
+shr.b32 t, r, 6;
+and.b32 t, t, 0x01C001C0;
+and.b32 r, r, 0x80008000;
+or.b32 r, r, t;
+fma.rn.bf16x2 r, r, $9, z;
+mov.b32 {{${2 * j}, ${2 * j + 1}}}, r;
+"""
+        for j in range(4)
+    )
+    + "}"
+)
+
+
+@triton.jit
+def _nibble(q, i: tl.constexpr, f):
+    """bf16 weight i of each word q (int32): E2M1(nibble i)·f, f = S·2^(PAIR_SHIFT - 126)."""
+    c = ((q >> (4 * i)) & 15).to(tl.uint16)
+    return (_e2m1_times_2pow_m14(c).to(tl.float32) * f).to(tl.bfloat16)
+
+
+@triton.jit
+def _decode_words(q, sp, USE_ASM: tl.constexpr):
+    """Code words q (int32 [R, W], 8 codes of one scale block each) and their scale pairs sp
+    (int32: bf16 S·2^PAIR_SHIFT in both halves) -> bf16 weights [R, 8W] in K order.
+
+    Every output depends on its own word only, so Triton may lay the words out as it likes;
+    the 8 weights of a word come back as 8 tensors shaped like q, which joins (register renames
+    in Triton's layouts) put in K order. The interpreter computes the same values in fp32."""
+    R: tl.constexpr = q.shape[0]
+    W: tl.constexpr = q.shape[1]
+    if USE_ASM:
+        w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+            _WORDS_ASM,
+            "=h,=h,=h,=h,=h,=h,=h,=h,r,r",
+            [q, sp],
+            dtype=(tl.bfloat16,) * 8,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        f = (sp << 16).to(tl.float32, bitcast=True) * 2.0**-112  # the low half, times 2^-112
+        w0 = _nibble(q, 0, f)
+        w1 = _nibble(q, 1, f)
+        w2 = _nibble(q, 2, f)
+        w3 = _nibble(q, 3, f)
+        w4 = _nibble(q, 4, f)
+        w5 = _nibble(q, 5, f)
+        w6 = _nibble(q, 6, f)
+        w7 = _nibble(q, 7, f)
+    # v[r, w, a, b, c] = weight 4c + 2b + a; swapping a and c puts weight i at flat index i
+    v = tl.join(
+        tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7))
+    )
+    return tl.reshape(tl.permute(v, (0, 1, 4, 3, 2)), (R, 8 * W))
+
+
+@triton.jit
+def _scale_pairs(code, MAN: tl.constexpr, BIAS: tl.constexpr):
+    """Block-scale codes (int32, a codec with a mantissa) -> int32 holding bf16 S·2^PAIR_SHIFT
+    (exact) in both halves, the operand of the decoder's bf16x2 multiply. E4M3 by the cheaper
+    bit move of `_e4m3_times_2pow_m8`."""
+    if MAN == 3 and BIAS == 7:
+        v = _e4m3_times_2pow_m8(code) * _PAIR_SCALE_E4M3
+    else:
+        v = _scale_times_2pow14(code, MAN, BIAS) * _PAIR_SCALE
+    b = v.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return b | (b << 16)
+
+
+@triton.jit
+def _e4m3_times_2pow_m8(code):
+    """E4M3 scale codes (int32, 0..127) -> fp32 value·2^-8: the code's bits moved into an fp16
+    (exponent field = E4M3's, mantissa's top 3 bits; subnormals land on fp16 subnormals)."""
+    return ((code & 127) << 7).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
 @triton.jit
 def _scale_times_2pow14(code, MAN: tl.constexpr, BIAS: tl.constexpr):
     """Block-scale codes (int32) to fp32 value·2^14, from exponent bits.
@@ -131,7 +236,7 @@ def _dot(w, xt, acc, DOT_BF16: tl.constexpr):
     """acc += w · xt in bf16 (bf16 activations) or fp32/tf32 (fp16 and fp32 activations)."""
     if DOT_BF16:
         return tl.dot(w.to(tl.bfloat16), xt.to(tl.bfloat16), acc)
-    return tl.dot(w, xt.to(tl.float32), acc)
+    return tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
 
 
 @triton.jit
@@ -142,6 +247,8 @@ def _fp4_gemm_kernel(
     g_ptr,
     bias_ptr,
     out_ptr,
+    ws_ptr,
+    cnt_ptr,
     M,
     N,
     K: tl.constexpr,
@@ -157,10 +264,18 @@ def _fp4_gemm_kernel(
     BLOCK_K: tl.constexpr,
     HALVES: tl.constexpr,
     USE_ASM: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
-    """outᵀ tile [BLOCK_N, BLOCK_M] = Σ_k W'[n, k]·x[m, k]; K must be a multiple of BLOCK_K."""
+    """outᵀ tile [BLOCK_N, BLOCK_M] = Σ_k W'[n, k]·x[m, k]; K must be a multiple of BLOCK_K.
+
+    SPLIT > 1 (split-K): grid axis 2 is the K slice (SPLIT divides the K steps); partials go to
+    ws [SPLIT, M, N] and the last program of a tile (tile counter, as in the GEMV's split-K)
+    adds them in slice order, so the result does not depend on which program ends last."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    STEPS: tl.constexpr = K // BLOCK_K // SPLIT  # K steps a program
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_ok = offs_n < N
@@ -169,54 +284,115 @@ def _fp4_gemm_kernel(
     offs_m = tl.where(m_ok, offs_m, 0)
     offs_c = tl.arange(0, BLOCK_K // 2)
     offs_s = tl.arange(0, BLOCK_K // BLOCK)
-    c_ptrs = codes_ptr + offs_n[:, None] * (K // 2) + offs_c[None, :]
+    # codes as bytes, or (PAIRS) as int32 words of 8 codes
+    CPW: tl.constexpr = 8 if PAIRS else 2  # codes a pointer step
+    if PAIRS:
+        c_ptrs = codes_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (K // 8)
+        c_ptrs += tl.arange(0, BLOCK_K // 8)[None, :]
+    else:
+        c_ptrs = codes_ptr + offs_n[:, None] * (K // 2) + offs_c[None, :]
     s_ptrs = scales_ptr + offs_n[:, None] * (K // BLOCK) + offs_s[None, :]
-    if HALVES:  # x's even and odd columns, for the low and the high nibbles
+    if HALVES and not PAIRS:  # x's even and odd columns, for the low and the high nibbles
         x_ptrs = x_ptr + offs_m[None, :] * stride_xm + 2 * offs_c[:, None]
     else:
         x_ptrs = x_ptr + offs_m[None, :] * stride_xm + tl.arange(0, BLOCK_K)[:, None]
+    if SPLIT > 1:
+        c_ptrs += pid_k * STEPS * (BLOCK_K // CPW)
+        s_ptrs += pid_k * STEPS * (BLOCK_K // BLOCK)
+        x_ptrs += pid_k * STEPS * BLOCK_K
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for _ in range(0, K, BLOCK_K):
-        lo, hi = _decode_bytes(tl.load(c_ptrs), USE_ASM)
-        s = _scale_times_2pow14(tl.load(s_ptrs).to(tl.int32), MAN, BIAS)
-        if HALVES:
+    for _ in range(0, STEPS):
+        if PAIRS:
+            s = _scale_pairs(tl.load(s_ptrs).to(tl.int32), MAN, BIAS)
+            s = tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_K // BLOCK, BLOCK // 8))
+            w = _decode_words(tl.load(c_ptrs), tl.reshape(s, (BLOCK_N, BLOCK_K // 8)), USE_ASM)
+            acc = _dot(w, tl.load(x_ptrs), acc, DOT_BF16)
+        elif HALVES:
+            lo, hi = _decode_bytes(tl.load(c_ptrs), USE_ASM)
+            s = _scale_times_2pow14(tl.load(s_ptrs).to(tl.int32), MAN, BIAS)
             # Two dots of depth BLOCK_K/2 (low nibbles · even x, high · odd x): no interleave.
             s = tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_K // BLOCK, BLOCK // 2))
             s = tl.reshape(s, (BLOCK_N, BLOCK_K // 2))
             acc = _dot(lo * s, tl.load(x_ptrs), acc, DOT_BF16)
             acc = _dot(hi * s, tl.load(x_ptrs + 1), acc, DOT_BF16)
         else:
+            lo, hi = _decode_bytes(tl.load(c_ptrs), USE_ASM)
+            s = _scale_times_2pow14(tl.load(s_ptrs).to(tl.int32), MAN, BIAS)
             q = tl.interleave(lo, hi)
             s = tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_K // BLOCK, BLOCK))
             acc = _dot(q * tl.reshape(s, (BLOCK_N, BLOCK_K)), tl.load(x_ptrs), acc, DOT_BF16)
-        c_ptrs += BLOCK_K // 2
+        c_ptrs += BLOCK_K // CPW
         s_ptrs += BLOCK_K // BLOCK
         x_ptrs += BLOCK_K
+    if PAIRS:
+        acc = acc * _PAIR_UNSCALE
+    ok = n_ok[:, None] & m_ok[None, :]
+    if SPLIT > 1:
+        w_ptrs = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
+        tl.store(w_ptrs + pid_k * M * N, acc, mask=ok)
+        tl.debug_barrier()  # every thread's partial is written before the counter's release
+        cnt = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+            acc = tl.load(w_ptrs, mask=ok, cache_modifier=".cg")
+            for j in tl.static_range(1, SPLIT):
+                acc += tl.load(w_ptrs + j * M * N, mask=ok, cache_modifier=".cg")
+            tl.store(cnt, 0)
+            _gemm_epilogue(
+                acc, g_ptr, bias_ptr, out_ptr, N, offs_n, offs_m, ok, HAS_GLOBAL, HAS_BIAS
+            )
+    else:
+        _gemm_epilogue(acc, g_ptr, bias_ptr, out_ptr, N, offs_n, offs_m, ok, HAS_GLOBAL, HAS_BIAS)
+
+
+@triton.jit
+def _gemm_epilogue(
+    acc,
+    g_ptr,
+    bias_ptr,
+    out_ptr,
+    N,
+    offs_n,
+    offs_m,
+    ok,
+    HAS_GLOBAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """Global scale, bias, cast and store of an fp32 outᵀ tile."""
     if HAS_GLOBAL:
         acc = acc / tl.load(g_ptr)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n).to(tl.float32)[:, None]
     o_ptrs = out_ptr + offs_m[None, :] * N + offs_n[:, None]
-    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _cfg(bn: int, bk: int, warps: int, stages: int, halves: bool = False) -> triton.Config:
-    kw = {"BLOCK_N": bn, "BLOCK_K": bk, "HALVES": halves}
+def _cfg(
+    bn: int, bk: int, warps: int, stages: int, halves: bool = False, split: int = 1
+) -> triton.Config:
+    kw = {"BLOCK_N": bn, "BLOCK_K": bk, "HALVES": halves, "SPLIT": split}
     return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
-# Skinny (GEMV_M_MAX < M <= 64): each program streams BLOCK_N weight rows; narrow BLOCK_N keeps
-# >= 1 wave of programs on 132 SMs even at N = 4096, long BLOCK_K gives 128-byte code rows per
-# load; nibble order interleaved into one dot, or "halves" (two half-depth dots). At M = 16 on
-# the H100, 32-row tiles were fastest on three Llama shapes and 128-row ones on 28672x4096.
+# Skinny (GEMV_M_MAX < M <= 64): each program streams BLOCK_N weight rows over K (or a slice of
+# K: split-K); long BLOCK_K gives 128-byte code rows per load. Two warps over 32 rows make two
+# 16-row mma.sync A operands with no warp duplicating another's decode (4 warps over 32 rows
+# would split the 16 tokens and decode every weight twice; 64 rows and 4 warps move to wgmma,
+# whose register A operand needs a layout change through shared memory). H100, M = 16, bf16
+# pairs, CUDA-graph times: 32 rows / 256-step / 2 warps won on all four Llama shapes, with
+# split-K 4 at K = 4096 except 28672 rows (1 or 2 slices) and 4 at K = 14336; 3 or 4 stages.
+# The 4-warp tiles serve fp16/fp32 activations and larger M.
 SMALL_CONFIGS = [
-    _cfg(bn, bk, w, st, h)
-    for bn, bk, w, st, h in [
-        (32, 256, 4, 4, False),
-        (32, 512, 4, 3, False),
-        (64, 128, 4, 4, True),
-        (128, 128, 8, 3, False),
-        (64, 256, 4, 3, True),
+    _cfg(bn, bk, w, st, h, sp)
+    for bn, bk, w, st, h, sp in [
+        (32, 256, 2, 3, False, 1),
+        (32, 256, 2, 3, False, 2),
+        (32, 256, 2, 3, False, 4),
+        (32, 256, 2, 4, False, 2),
+        (32, 256, 2, 4, False, 4),
+        (32, 128, 2, 4, False, 4),
+        (32, 256, 4, 4, False, 1),
+        (64, 128, 4, 4, True, 1),
+        (128, 128, 8, 3, False, 1),
     ]
 ]
 # Large M: 128-row weight tiles (one warpgroup-wide wgmma A operand per 64 rows).
@@ -228,6 +404,8 @@ LARGE_CONFIGS = [
     _cfg(64, 128, 4, 3),
 ]
 LARGE_BLOCK_M = (128, 256)
+SMALL_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in SMALL_CONFIGS)
+SMALL_MAX_SPLIT = max(c.kwargs["SPLIT"] for c in SMALL_CONFIGS)
 
 
 def min_block_k(block_size: int) -> int:
@@ -238,6 +416,13 @@ def min_block_k(block_size: int) -> int:
 def supported(k: int, block_size: int) -> bool:
     """Whether the kernel takes this K (a multiple of the shortest K step)."""
     return k % min_block_k(block_size) == 0
+
+
+def pairs_apply(dtype: torch.dtype, block_size: int, scale_man_bits: int) -> bool:
+    """Whether the dot kernel decodes bf16 pairs: bf16 activations, blocks of >= 8 weights (4
+    code bytes share a scale) and a scale codec with a mantissa (E4M3, UE5M3: every scaled
+    weight is a normal bf16 after the fixed 2^PAIR_SHIFT; E8M0's range is too wide for that)."""
+    return dtype == torch.bfloat16 and block_size >= 8 and scale_man_bits > 0
 
 
 def _step(c: triton.Config, block_size: int) -> int:
@@ -251,17 +436,28 @@ def _prune(configs, named_args, **kwargs):
     ok = [
         c
         for c in configs
-        if k % c.kwargs["BLOCK_K"] == 0 and c.kwargs["BLOCK_K"] % _step(c, b) == 0
+        if k % c.kwargs["BLOCK_K"] == 0
+        and c.kwargs["BLOCK_K"] % _step(c, b) == 0
+        and (k // c.kwargs["BLOCK_K"]) % c.kwargs["SPLIT"] == 0
     ]
     if ok:
         return ok
     c = configs[0]
-    kw = {**c.kwargs, "BLOCK_K": min_block_k(b), "HALVES": False}
+    kw = {**c.kwargs, "BLOCK_K": min_block_k(b), "HALVES": False, "SPLIT": 1}
     return [triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages)]
 
 
 _AUTOTUNE_KEY = [
-    "N", "K", "BLOCK", "MAN", "HAS_GLOBAL", "HAS_BIAS", "DOT_BF16", "USE_ASM", "BLOCK_M"
+    "N",
+    "K",
+    "BLOCK",
+    "MAN",
+    "HAS_GLOBAL",
+    "HAS_BIAS",
+    "DOT_BF16",
+    "USE_ASM",
+    "PAIRS",
+    "BLOCK_M",
 ]
 
 
@@ -300,6 +496,8 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     halves: bool = False  # two half-depth dots (low/high nibbles) instead of an interleave
+    split: int = 1  # K slices a tile (split-K); must divide K / block_k
+    pairs: bool = True  # bf16 pair decoding where it applies (`pairs_apply`); False: fp32 decode
 
 
 def _small_block_m(m: int) -> int:
@@ -340,7 +538,16 @@ def fp4_linear(
         return out.reshape(*x.shape[:-1], n)
     g = global_scale if global_scale is not None else codes  # unread when HAS_GLOBAL is False
     b = bias if bias is not None else codes
-    args = (x2, codes, scale_codes, g, b, out, m, n, k, x2.stride(0))
+    # split-K scratch (fp32 partials) and tile counters, for the tiles that may split K
+    split = config.split if isinstance(config, GemmConfig) else SMALL_MAX_SPLIT
+    small = config is not None or m <= SMALL_M_MAX
+    if small and split > 1:
+        ws = torch.empty((split * m * n,), dtype=torch.float32, device=x.device)
+        bn = config.block_n if config is not None else SMALL_MIN_BLOCK_N
+        cnt = _gemv._counters(x.device, triton.cdiv(n, bn) * triton.cdiv(m, 16))
+    else:
+        ws = cnt = codes  # unread when SPLIT == 1
+    args = (x2, codes, scale_codes, g, b, out, ws, cnt, m, n, k, x2.stride(0))
     meta = dict(
         BLOCK=block_size,
         MAN=scale_man_bits,
@@ -350,17 +557,21 @@ def fp4_linear(
         # The interpreter's numpy dot misreads bf16 operands, so there the dot runs in fp32.
         DOT_BF16=x.dtype == torch.bfloat16 and not _INTERPRET,
         USE_ASM=USE_ASM,
+        PAIRS=pairs_apply(x.dtype, block_size, scale_man_bits)
+        and codes.data_ptr() % 4 == 0  # read as int32 words
+        and (not isinstance(config, GemmConfig) or config.pairs),
     )
     if config is None and _INTERPRET:
         bm = _small_block_m(m) if m <= SMALL_M_MAX else 64
         config = GemmConfig(16, bm, min_block_k(block_size))
     if config is not None:
         step = min_block_k(block_size) * (2 if config.halves else 1)
-        if k % config.block_k or config.block_k % step:
+        if k % config.block_k or config.block_k % step or (k // config.block_k) % config.split:
             raise ValueError(
-                f"BLOCK_K = {config.block_k} must divide K = {k} and be a multiple of {step}"
+                f"BLOCK_K = {config.block_k} must divide K = {k} and be a multiple of {step}, "
+                f"and split = {config.split} must divide the {k // config.block_k} K steps"
             )
-        grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m))
+        grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split)
         _fp4_gemm_kernel[grid](
             *args,
             **meta,
@@ -368,17 +579,23 @@ def fp4_linear(
             BLOCK_M=config.block_m,
             BLOCK_K=config.block_k,
             HALVES=config.halves,
+            SPLIT=config.split,
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         )
     elif m <= SMALL_M_MAX:
         bm = _small_block_m(m)
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, bm))  # noqa: E731
+        grid = lambda meta: (  # noqa: E731
+            triton.cdiv(n, meta["BLOCK_N"]),
+            triton.cdiv(m, bm),
+            meta["SPLIT"],
+        )
         _small[grid](*args, **meta, BLOCK_M=bm)
     else:
         grid = lambda meta: (  # noqa: E731
             triton.cdiv(n, meta["BLOCK_N"]),
             triton.cdiv(m, meta["BLOCK_M"]),
+            1,
         )
         _large[grid](*args, **meta)
     return out.reshape(*x.shape[:-1], n)

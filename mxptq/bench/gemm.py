@@ -79,8 +79,9 @@ def _chosen(m: int) -> str:
     c = tuner.best_config
     kw = c.kwargs
     halves = " halves" if kw.get("HALVES") else ""
+    split = f" split{kw['SPLIT']}" if kw.get("SPLIT", 1) > 1 else ""
     bm = kw.get("BLOCK_M", max(16, triton.next_power_of_2(m)))
-    return f"n{kw['BLOCK_N']} m{bm} k{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages}{halves}"
+    return f"n{kw['BLOCK_N']} m{bm} k{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages}{halves}{split}"
 
 
 CHECK_FORMATS = [("nvfp4", 16), ("mxfp4", 32), ("nvfp4-ue5m3", 16), ("nvfp4", 4), ("mxfp4", 128)]
@@ -101,6 +102,8 @@ def check_formats() -> list[str]:
             (2, gemv.GemvConfig(8, 256, 1, 3)),
             (5, gemm.GemmConfig(64, 16, bk, 4, 3, halves=True)),
             (5, gemm.GemmConfig(32, 16, bk, 4, 3)),
+            (16, gemm.GemmConfig(32, 16, bk, 2, 3, split=2)),
+            (16, gemm.GemmConfig(32, 16, bk, 2, 3, split=2, pairs=False)),
             (300, gemm.GemmConfig(128, 64, max(64, b), 8, 3)),
         ]
         worst = 0.0
@@ -110,7 +113,7 @@ def check_formats() -> list[str]:
                 ref = F.linear(x.double(), dequantize(qt).double(), bias.double())
                 worst = max(worst, _rel(gemm.quantized_linear(x, qt, bias.to(dtype), cfg), ref))
         lines.append(
-            f"check {fmt} B={b}: worst rel err {worst:.1e} (bf16/fp16/fp32, 5 tiles, bias)"
+            f"check {fmt} B={b}: worst rel err {worst:.1e} (bf16/fp16/fp32, 7 tiles, bias)"
         )
     return lines
 
