@@ -266,6 +266,7 @@ def _fp4_gemm_kernel(
     USE_ASM: tl.constexpr,
     SPLIT: tl.constexpr,
     PAIRS: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     """outᵀ tile [BLOCK_N, BLOCK_M] = Σ_k W'[n, k]·x[m, k]; K must be a multiple of BLOCK_K.
 
@@ -301,7 +302,7 @@ def _fp4_gemm_kernel(
         s_ptrs += pid_k * STEPS * (BLOCK_K // BLOCK)
         x_ptrs += pid_k * STEPS * BLOCK_K
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for _ in range(0, STEPS):
+    for _ in tl.range(0, STEPS, loop_unroll_factor=UNROLL):
         if PAIRS:
             s = _scale_pairs(tl.load(s_ptrs).to(tl.int32), MAN, BIAS)
             s = tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_K // BLOCK, BLOCK // 8))
@@ -367,9 +368,9 @@ def _gemm_epilogue(
 
 
 def _cfg(
-    bn: int, bk: int, warps: int, stages: int, halves: bool = False, split: int = 1
+    bn: int, bk: int, warps: int, stages: int, halves: bool = False, split: int = 1, unroll: int = 1
 ) -> triton.Config:
-    kw = {"BLOCK_N": bn, "BLOCK_K": bk, "HALVES": halves, "SPLIT": split}
+    kw = {"BLOCK_N": bn, "BLOCK_K": bk, "HALVES": halves, "SPLIT": split, "UNROLL": unroll}
     return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
@@ -377,22 +378,25 @@ def _cfg(
 # K: split-K); long BLOCK_K gives 128-byte code rows per load. Two warps over 32 rows make two
 # 16-row mma.sync A operands with no warp duplicating another's decode (4 warps over 32 rows
 # would split the 16 tokens and decode every weight twice; 64 rows and 4 warps move to wgmma,
-# whose register A operand needs a layout change through shared memory). H100, M = 16, bf16
-# pairs, CUDA-graph times: 32 rows / 256-step / 2 warps won on all four Llama shapes, with
-# split-K 4 at K = 4096 except 28672 rows (1 or 2 slices) and 4 at K = 14336; 3 or 4 stages.
-# The 4-warp tiles serve fp16/fp32 activations and larger M.
+# whose register A operand needs a layout change through shared memory). H100, bf16 pairs,
+# CUDA-graph times: at M = 16, 32 rows / 256-step / 2 warps won on all four Llama shapes, with
+# split-K 4 at K = 4096 except 28672 rows (1 or 2 slices) and 4 at K = 14336; 3 or 4 stages;
+# unrolling the K loop by 2 lost there but won 3 of 4 shapes at M = 32 (128-step, split 4).
+# The 4- and 8-warp tiles serve fp16/fp32 activations and M = 64.
 SMALL_CONFIGS = [
-    _cfg(bn, bk, w, st, h, sp)
-    for bn, bk, w, st, h, sp in [
-        (32, 256, 2, 3, False, 1),
-        (32, 256, 2, 3, False, 2),
-        (32, 256, 2, 3, False, 4),
-        (32, 256, 2, 4, False, 2),
-        (32, 256, 2, 4, False, 4),
-        (32, 128, 2, 4, False, 4),
-        (32, 256, 4, 4, False, 1),
-        (64, 128, 4, 4, True, 1),
-        (128, 128, 8, 3, False, 1),
+    _cfg(bn, bk, w, st, h, sp, un)
+    for bn, bk, w, st, h, sp, un in [
+        (32, 256, 2, 3, False, 1, 1),
+        (32, 256, 2, 3, False, 2, 1),
+        (32, 256, 2, 3, False, 4, 1),
+        (32, 256, 2, 4, False, 2, 1),
+        (32, 256, 2, 4, False, 4, 1),
+        (32, 128, 2, 4, False, 4, 1),
+        (32, 128, 2, 3, False, 4, 2),
+        (64, 256, 2, 3, False, 2, 1),
+        (32, 256, 4, 4, False, 1, 1),
+        (64, 128, 4, 4, True, 1, 1),
+        (128, 128, 8, 3, False, 1, 1),
     ]
 ]
 # Large M: 128-row weight tiles (one warpgroup-wide wgmma A operand per 64 rows).
@@ -498,6 +502,7 @@ class GemmConfig:
     halves: bool = False  # two half-depth dots (low/high nibbles) instead of an interleave
     split: int = 1  # K slices a tile (split-K); must divide K / block_k
     pairs: bool = True  # bf16 pair decoding where it applies (`pairs_apply`); False: fp32 decode
+    unroll: int = 1  # K-loop unroll factor (more independent work between waits)
 
 
 def _small_block_m(m: int) -> int:
@@ -580,6 +585,7 @@ def fp4_linear(
             BLOCK_K=config.block_k,
             HALVES=config.halves,
             SPLIT=config.split,
+            UNROLL=config.unroll,
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         )

@@ -218,7 +218,7 @@ def test_pairs_not_used_where_they_would_be_inexact():
     assert not gemm.pairs_apply(torch.float16, 16, 3)  # fp16/fp32 activations: fp32 dot
 
 
-def test_split_k_leaves_counters_at_zero_and_rejects_bad_split():
+def test_split_k_and_unroll():
     qt = _quantized(40, 512, get_format("nvfp4"), seed=5)
     x = torch.randn(9, 512).bfloat16()
     ref = F.linear(x.double(), dequantize(qt).double())
@@ -226,5 +226,10 @@ def test_split_k_leaves_counters_at_zero_and_rejects_bad_split():
         out = gemm.quantized_linear(x, qt, None, gemm.GemmConfig(16, 16, 64, split=split))
         assert float((out.double() - ref).norm() / ref.norm()) < 8e-3
     assert all(int(b.abs().sum()) == 0 for bufs in gemv._COUNTERS.values() for b in bufs)
+    cfg = gemm.GemmConfig(16, 16, 64, split=2)  # the unrolled K loop sums in the same order
+    unrolled = dataclasses.replace(cfg, unroll=2)
+    assert torch.equal(
+        gemm.quantized_linear(x, qt, None, unrolled), gemm.quantized_linear(x, qt, None, cfg)
+    )
     with pytest.raises(ValueError, match="split"):
         gemm.quantized_linear(x, qt, None, gemm.GemmConfig(16, 16, 128, split=3))

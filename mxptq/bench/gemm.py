@@ -80,6 +80,7 @@ def _chosen(m: int) -> str:
     kw = c.kwargs
     halves = " halves" if kw.get("HALVES") else ""
     split = f" split{kw['SPLIT']}" if kw.get("SPLIT", 1) > 1 else ""
+    split += f" u{kw['UNROLL']}" if kw.get("UNROLL", 1) > 1 else ""
     bm = kw.get("BLOCK_M", max(16, triton.next_power_of_2(m)))
     return f"n{kw['BLOCK_N']} m{bm} k{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages}{halves}{split}"
 
