@@ -16,6 +16,7 @@ bits, or masking its high half, is the exact fp32 value of each, with no strided
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -446,8 +447,31 @@ def _counters(device: torch.device, size: int) -> torch.Tensor:
     stream: kernels of one stream run one after the other, so they never share a counter at
     the same time. A larger request allocates a new buffer; the old ones stay alive (a captured
     CUDA graph may point at them)."""
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    cuda = device.type == "cuda"
+    key = (device, torch.cuda.current_stream(device).cuda_stream if cuda else 0)
     bufs = _COUNTERS.setdefault(key, [])
     if not bufs or bufs[-1].numel() < size:
-        bufs.append(torch.zeros(max(size, 1 << 14), dtype=torch.int32, device=device))
+        n = max(size, 1 << 14)
+        buf = _outside_graph_pools(n, device) if cuda else torch.empty(n, dtype=torch.int32)
+        bufs.append(buf.zero_())  # zeroed on this stream
     return bufs[-1]
+
+
+def _outside_graph_pools(n: int, device: torch.device) -> torch.Tensor:
+    """int32 [n] on `device`, allocated on a helper thread: while torch.compile's CUDA graphs
+    warm up and record, this thread's allocations go to their private pool, and a buffer
+    that outlives the call must not live there (they refuse untracked live tensors)."""
+    box: list = []
+
+    def alloc() -> None:
+        try:
+            box.append(torch.empty(n, dtype=torch.int32, device=device))
+        except BaseException as e:  # re-raised on the caller's thread
+            box.append(e)
+
+    t = threading.Thread(target=alloc)
+    t.start()
+    t.join()
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]

@@ -28,6 +28,63 @@ except ImportError:  # no usable Triton: the torch path serves every device
     _gemm = _triton_dequantize = None
 
 
+def packed_forward(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    global_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    fmt: Format,
+) -> torch.Tensor:
+    """x · dequant(W)ᵀ + b for a packed weight: the fused kernel, or dequantize + cuBLAS from
+    DENSE_M_MIN tokens, on CUDA; the chunked torch path elsewhere."""
+    qt = QuantizedTensor(codes, scales, global_scale, fmt)
+    k = codes.shape[1] * 2
+    if x.is_cuda and _gemm is not None and _gemm.supported(k, fmt.block_size):
+        if x.numel() >= DENSE_M_MIN * k:
+            w = _triton_dequantize(qt, x.dtype)  # dropped after this call
+            return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+        return _gemm.quantized_linear(x, qt, bias)
+    return _forward_torch(x, qt, bias)
+
+
+def _forward_torch(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Dequantize a chunk of rows (fp32, then x's dtype) and multiply; nothing is kept."""
+    n, k = qt.shape
+    rows = max(1, _CHUNK_WEIGHTS // max(k, 1))
+    outs = []
+    for r in range(0, n, rows):
+        part = QuantizedTensor(
+            qt.codes[r : r + rows], qt.scales[r : r + rows], qt.global_scale, qt.format
+        )
+        b = None if bias is None else bias[r : r + rows].to(x.dtype)
+        outs.append(F.linear(x, dequantize(part, x.dtype), b))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+@torch.library.custom_op("mxptq::packed_linear", mutates_args=())
+def _packed_linear_op(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    global_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    format_name: str,
+    scale_codec: str,
+    block_size: int,
+) -> torch.Tensor:
+    """`packed_forward` as one operator, so torch.compile keeps it whole (and CUDA graphs in
+    mode="reduce-overhead" remove the per-call launch cost of the Python and Triton layers)."""
+    has_global = global_scale is not None
+    fmt = get_format(format_name, block_size, scale=scale_codec, has_global=has_global)
+    return packed_forward(x, codes, scales, global_scale, bias, fmt)
+
+
+@_packed_linear_op.register_fake
+def _(x, codes, scales, global_scale, bias, format_name, scale_codec, block_size):
+    return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
+
 class PackedLinear(nn.Module):
     """y = x · dequant(W)ᵀ + b with W [out_features, in_features] stored as FP4 codes.
 
@@ -91,26 +148,11 @@ class PackedLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.format.block_size
-        if x.is_cuda and _gemm is not None and _gemm.supported(self.in_features, b):
-            if x.numel() >= DENSE_M_MIN * self.in_features:
-                w = _triton_dequantize(self.quantized(), x.dtype)  # dropped after this call
-                return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
-            return _gemm.quantized_linear(x, self.quantized(), self.bias)
-        return self._forward_torch(x)
-
-    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
-        """Dequantize a chunk of rows (fp32, then x's dtype) and multiply; nothing is kept."""
-        qt = self.quantized()
-        rows = max(1, _CHUNK_WEIGHTS // max(self.in_features, 1))
-        outs = []
-        for r in range(0, self.out_features, rows):
-            part = QuantizedTensor(
-                qt.codes[r : r + rows], qt.scales[r : r + rows], qt.global_scale, qt.format
-            )
-            b = None if self.bias is None else self.bias[r : r + rows].to(x.dtype)
-            outs.append(F.linear(x, dequantize(part, x.dtype), b))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        args = (x, self.codes, self.scales, self.global_scale, self.bias)
+        if torch.compiler.is_compiling():  # one opaque op in the graph (CUDA graphs capture it)
+            fmt = self.format
+            return torch.ops.mxptq.packed_linear(*args, fmt.name, fmt.scale.name, fmt.block_size)
+        return packed_forward(*args, self.format)
 
     def extra_repr(self) -> str:
         return (
