@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from ptx_exec import asm_text, bf16_bits, run_ptx
 
 from mxptq import QuantizedTensor, dequantize, get_format, quantize_tensor
 from mxptq.formats import e2m1_values
@@ -28,76 +29,10 @@ except ImportError:  # triton missing or broken
 
 pytestmark = pytest.mark.skipif(gemm is None, reason="triton is not importable")
 
-M32 = 0xFFFFFFFF
-
-
-def _bf16_bits(v: float) -> int:
-    """bf16 bit pattern of v, which must be exactly representable."""
-    t = torch.tensor([v], dtype=torch.float64)
-    b = t.to(torch.bfloat16)
-    assert float(b) == v, f"{v} is not a bf16 value"
-    return int(b.view(torch.int16)) & 0xFFFF
-
-
-def _bf16_value(bits: int) -> float:
-    return float(torch.tensor([bits], dtype=torch.int32).to(torch.int16).view(torch.bfloat16))
-
 
 def _run_words_ptx(word: int, scale_pair: int) -> list[int]:
-    """Execute `_WORDS_ASM` on one word and scale pair: the PTX instructions it uses
-    (mov/shl/shr/and/or/prmt .b32, fma.rn.bf16x2, mov.b32 {lo, hi}); returns $0..$7 (bf16
-    bits). The bf16 FMA is computed exactly and must not need rounding."""
-    asm = gemm._WORDS_ASM.value if hasattr(gemm._WORDS_ASM, "value") else gemm._WORDS_ASM
-    reg = {"$8": word, "$9": scale_pair}
-
-    def val(tok: str) -> int:
-        tok = tok.strip()
-        return int(tok, 16) if tok.startswith("0x") else (int(tok) if tok.isdigit() else reg[tok])
-
-    n_ops = 0
-    for line in asm.splitlines():
-        line = line.strip().rstrip(";")
-        if not line or line in "{}" or line.startswith(".reg"):
-            continue
-        op, rest = line.split(None, 1)
-        n_ops += 1
-        if rest.startswith("{"):  # mov.b32 {lo, hi}, r
-            assert op == "mov.b32"
-            halves, src = rest.split("}")
-            lo, hi = (t.strip() for t in halves.strip("{ ").split(","))
-            r = val(src.strip(", "))
-            reg[lo], reg[hi] = r & 0xFFFF, r >> 16
-            continue
-        dst, *src = [t.strip() for t in rest.split(",")]
-        a = val(src[0])
-        if op == "mov.b32":
-            reg[dst] = a
-        elif op == "shl.b32":
-            reg[dst] = (a << val(src[1])) & M32
-        elif op == "shr.b32":
-            reg[dst] = a >> val(src[1])
-        elif op == "and.b32":
-            reg[dst] = a & val(src[1])
-        elif op == "or.b32":
-            reg[dst] = a | val(src[1])
-        elif op == "prmt.b32":  # default mode: selector nibble i picks byte i of {b, a}
-            b, sel = val(src[1]), val(src[2])
-            pool = a | (b << 32)
-            reg[dst] = sum(
-                ((pool >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4)
-            )
-            assert all(not (sel >> (4 * i + 3)) & 1 for i in range(4)), "sign mode unused"
-        elif op == "fma.rn.bf16x2":
-            b, c = val(src[1]), val(src[2])
-            out = 0
-            for h in (0, 16):
-                v = _bf16_value((a >> h) & 0xFFFF) * _bf16_value((b >> h) & 0xFFFF)
-                v += _bf16_value((c >> h) & 0xFFFF)
-                out |= _bf16_bits(v) << h
-            reg[dst] = out
-        else:
-            raise AssertionError(f"unexpected PTX instruction {op}")
-    assert n_ops > 20
+    """`_WORDS_ASM` executed on one word and scale pair: $0..$7 (bf16 bits)."""
+    reg = run_ptx(asm_text(gemm._WORDS_ASM), {"$8": word, "$9": scale_pair})
     return [reg[f"${i}"] for i in range(8)]
 
 
@@ -115,7 +50,7 @@ def test_words_ptx_every_byte_every_scale(scale):
     shift = 2.0 ** (gemm.PAIR_SHIFT - 126)
     scales = _scale_values(codec)
     for i, s in enumerate(scales):
-        sb = _bf16_bits(s * 2.0**gemm.PAIR_SHIFT)
+        sb = bf16_bits(s * 2.0**gemm.PAIR_SHIFT)
         pair = sb | (sb << 16)
         for b in range(256) if i % 32 == 0 else rng.integers(0, 256, 4):  # all: 1 in 32
             for pos in range(4):
@@ -123,7 +58,7 @@ def test_words_ptx_every_byte_every_scale(scale):
                 others[pos] = b
                 word = int(sum(int(v) << (8 * j) for j, v in enumerate(others)))
                 got = _run_words_ptx(word, pair)
-                want = [_bf16_bits(e2m1[(word >> (4 * k)) & 15] * s * shift) for k in range(8)]
+                want = [bf16_bits(e2m1[(word >> (4 * k)) & 15] * s * shift) for k in range(8)]
                 assert got == want, (s, b, pos)
 
 

@@ -8,7 +8,6 @@ GPU (when there is one) against the plain formula.
 from __future__ import annotations
 
 import os
-import re
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from ptx_exec import asm_text, run_ptx
 from quant_helpers import KERNEL_FORMATS
 
 from mxptq import QuantizedTensor, dequantize, get_format, quantize_tensor
@@ -195,42 +195,8 @@ def _expected_nibbles() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _run_decode_ptx(word: int) -> list[float]:
-    """Execute `_DECODE_ASM` on one 32-bit register: the handful of PTX instructions it uses
-    (shl/shr/and/or .b32, mov.b32 {lo, hi}, cvt.f32.f16), so the text itself is tested."""
-    asm = gemm._DECODE_ASM.value if hasattr(gemm._DECODE_ASM, "value") else gemm._DECODE_ASM
-    reg = {"$8": word}
-    mask = 0xFFFFFFFF
-
-    def val(tok):
-        tok = tok.strip()
-        return int(tok, 16) if tok.startswith("0x") else (int(tok) if tok.isdigit() else reg[tok])
-
-    n_ops = 0
-    for line in asm.splitlines():
-        line = line.strip().rstrip(";")
-        if not line or line in "{}" or line.startswith(".reg"):
-            continue
-        op, rest = line.split(None, 1)
-        n_ops += 1
-        if op == "mov.b32":
-            m = re.fullmatch(r"\{(\w+), (\w+)\}, (\w+)", rest)
-            reg[m[1]], reg[m[2]] = reg[m[3]] & 0xFFFF, reg[m[3]] >> 16
-            continue
-        dst, *src = [t.strip() for t in rest.split(",")]
-        a = val(src[0])
-        if op == "cvt.f32.f16":
-            reg[dst] = float(np.array([a], dtype=np.uint16).view(np.float16)[0])
-        elif op == "shl.b32":
-            reg[dst] = (a << val(src[1])) & mask
-        elif op == "shr.b32":
-            reg[dst] = a >> val(src[1])
-        elif op == "and.b32":
-            reg[dst] = a & val(src[1])
-        elif op == "or.b32":
-            reg[dst] = a | val(src[1])
-        else:
-            raise AssertionError(f"unexpected PTX instruction {op}")
-    assert n_ops > 20
+    """`_DECODE_ASM` executed on one 32-bit register (tests/ptx_exec.py): $0..$7."""
+    reg = run_ptx(asm_text(gemm._DECODE_ASM), {"$8": word})
     return [reg[f"${i}"] for i in range(8)]
 
 
