@@ -328,21 +328,33 @@ def _fp4_gemm_kernel(
     if PAIRS:
         acc = acc * _PAIR_UNSCALE
     ok = n_ok[:, None] & m_ok[None, :]
+    last = True
     if SPLIT > 1:
         w_ptrs = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
-        tl.store(w_ptrs + pid_k * M * N, acc, mask=ok)
-        tl.debug_barrier()  # every thread's partial is written before the counter's release
         cnt = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
-        if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
-            acc = tl.load(w_ptrs, mask=ok, cache_modifier=".cg")
-            for j in tl.static_range(1, SPLIT):
-                acc += tl.load(w_ptrs + j * M * N, mask=ok, cache_modifier=".cg")
-            tl.store(cnt, 0)
-            _gemm_epilogue(
-                acc, g_ptr, bias_ptr, out_ptr, N, offs_n, offs_m, ok, HAS_GLOBAL, HAS_BIAS
-            )
-    else:
+        last, acc = split_k_sum(acc, w_ptrs, ok, M * N, pid_k, cnt, SPLIT)
+    if last:
         _gemm_epilogue(acc, g_ptr, bias_ptr, out_ptr, N, offs_n, offs_m, ok, HAS_GLOBAL, HAS_BIAS)
+
+
+@triton.jit
+def split_k_sum(part, w_ptrs, mask, slice_stride, pid_k, cnt, SPLIT: tl.constexpr):
+    """Split-K's reduction, shared by the GEMV and the dot kernel: store this program's fp32
+    partial as slice pid_k of a slice-major scratch (slices `slice_stride` apart), then count
+    in at the tile's counter `cnt` (int32, zero between launches; acq_rel atomic). Returns
+    (last, total): the program that counts SPLIT - 1 is the last one; it adds the SPLIT
+    partials in slice order (so the sum does not depend on which program ends last) and puts
+    the counter back to 0. No float atomics, no zeroing kernel."""
+    tl.store(w_ptrs + pid_k * slice_stride, part, mask=mask)
+    tl.debug_barrier()  # every thread's partial is written before the counter's release
+    last = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
+    total = part
+    if last:
+        total = tl.load(w_ptrs, mask=mask, cache_modifier=".cg")
+        for j in tl.static_range(1, SPLIT):
+            total += tl.load(w_ptrs + j * slice_stride, mask=mask, cache_modifier=".cg")
+        tl.store(cnt, 0)
+    return last, total
 
 
 @triton.jit

@@ -29,6 +29,7 @@ from .gemm import (
     _decode_bytes,
     _e4m3_times_2pow_m8,
     _scale_times_2pow14,
+    split_k_sum,
 )
 
 GEMV_M_MAX = 2  # fp4_linear sends M at or under this here (M = 4 was faster on the dot kernel)
@@ -192,30 +193,11 @@ def _fp4_gemv_rows_kernel(
         else:
             x_ptrs += BLOCK_K
     res = tl.sum(acc, axis=0)
+    last = True
     if SPLIT > 1:
-        tl.store(ws_ptr + (pid_k * M + pid_m) * N + offs_n, res, mask=n_ok)
-        tl.debug_barrier()  # every thread's partial is written before the counter's release
         cnt = cnt_ptr + pid_m * tl.num_programs(1) + pid_n
-        if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
-            res = tl.load(ws_ptr + pid_m * N + offs_n, cache_modifier=".cg")
-            for j in tl.static_range(1, SPLIT):
-                res += tl.load(ws_ptr + (j * M + pid_m) * N + offs_n, cache_modifier=".cg")
-            tl.store(cnt, 0)
-            _rows_epilogue(
-                res,
-                g_ptr,
-                bias_ptr,
-                out_ptr,
-                pid_m,
-                N,
-                offs_n,
-                n_ok,
-                MAN,
-                BIAS,
-                HAS_GLOBAL,
-                HAS_BIAS,
-            )
-    else:
+        last, res = split_k_sum(res, ws_ptr + pid_m * N + offs_n, n_ok, M * N, pid_k, cnt, SPLIT)
+    if last:
         _rows_epilogue(
             res, g_ptr, bias_ptr, out_ptr, pid_m, N, offs_n, n_ok, MAN, BIAS, HAS_GLOBAL, HAS_BIAS
         )
