@@ -42,8 +42,8 @@ class Layer(nn.Module):
             setattr(self, name, lin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kv = torch.cat([self.k(x), self.v(x), self.k(x), self.v(x)], dim=-1)
-        x = x + self.o(self.q(x) + kv)
+        k, v = self.k(x), self.v(x)
+        x = x + self.o(self.q(x) + torch.cat([k, v, k, v], dim=-1))
         return x + self.down(F.silu(self.gate(x)) * self.up(x))
 
 
