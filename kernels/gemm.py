@@ -9,7 +9,8 @@ Dequantization is exact and runs in registers, by one of two decoders:
 - bf16 pairs (`pairs_apply`: bf16 activations, B >= 8, E4M3/UE5M3 scales): inline PTX turns a
   word of 8 codes into 8 bf16 weights E2M1·S·2^(PAIR_SHIFT-126), two a register, with one
   prmt/shift/2-mask sequence and one bf16x2 FMA by the block scale per pair (`_WORDS_ASM`);
-  the epilogue undoes the power of two. About 5 instructions a weight in the skinny loop.
+  the epilogue undoes the power of two; the block scale becomes its bf16 pair in three
+  instructions (`_scale_asm`). About 4.5 instructions a weight in the skinny loop.
 - fp32 (otherwise): a nibble's bits are moved into an fp16 pattern ((c & 7) << 9 | (c & 8) <<
   12) whose value is E2M1(c)·2^-14, four code bytes at a time with inline PTX
   (`_decode_bytes`), and multiplied in fp32 by the block scale decoded with 2^14 folded in.
@@ -121,8 +122,6 @@ def _decode_bytes(c, USE_ASM: tl.constexpr):
 # (2^-44 .. 2^121), so it is exact; the epilogue multiplies the fp32 result by 2^(126 - shift).
 PAIR_SHIFT = 100
 _PAIR_UNSCALE = tl.constexpr(2.0 ** (126 - PAIR_SHIFT))
-_PAIR_SCALE = tl.constexpr(2.0 ** (PAIR_SHIFT - 14))  # times the decoder's S·2^14
-_PAIR_SCALE_E4M3 = tl.constexpr(2.0 ** (PAIR_SHIFT + 8))  # times E4M3's S·2^-8
 
 # PTX for `_decode_words`: one word of 8 codes ($8, weights k0..k7 in nibbles 0..7) and its
 # scale pair ($9: S·2^PAIR_SHIFT as bf16 in both halves) -> 8 bf16 weights $0..$7 (k order).
@@ -194,17 +193,61 @@ def _decode_words(q, sp, USE_ASM: tl.constexpr):
     return tl.reshape(tl.permute(v, (0, 1, 4, 3, 2)), (R, 8 * W))
 
 
+# PTX for `_scale_pairs`: a scale code c (3 mantissa bits) -> bf16 S·2^PAIR_SHIFT in both
+# halves. c·0x00100010 puts c << 4 in each half; read as bf16 that is S·2^(BIAS-127) exactly
+# (the code's exponent and mantissa fields land on bf16's, its subnormals on bf16 subnormals,
+# which bf16x2 arithmetic keeps), and two exact bf16x2 multiplies by 2^LIFT lift it to
+# S·2^PAIR_SHIFT (LIFT = (PAIR_SHIFT + 127 - BIAS) / 2: 110 for E4M3, 106 for UE5M3; the
+# product after the first multiply is a normal bf16 for every code). Three instructions where
+# a decode through fp16 and fp32 took six.
+def _lift(bias: int) -> int:
+    lift = PAIR_SHIFT + 127 - bias
+    assert lift % 2 == 0 and lift // 2 <= 127
+    return lift // 2
+
+
+def _scale_asm(bias: int) -> str:
+    c = (_lift(bias) + 127) << 7  # bf16 2^LIFT
+    return f"""
+{{
+.reg .b32 t, c, z;
+mov.b32 z, 0x80008000;
+mov.b32 c, 0x{c | (c << 16):08X};
+mul.lo.u32 t, $1, 0x00100010;
+fma.rn.bf16x2 t, t, c, z;
+fma.rn.bf16x2 $0, t, c, z;
+}}
+"""
+
+
+_SCALE_ASM_E4M3 = tl.constexpr(_scale_asm(7))
+_SCALE_ASM_UE5M3 = tl.constexpr(_scale_asm(15))
+_LIFT_E4M3 = tl.constexpr(2.0 ** _lift(7))
+_LIFT_UE5M3 = tl.constexpr(2.0 ** _lift(15))
+
+
 @triton.jit
-def _scale_pairs(code, MAN: tl.constexpr, BIAS: tl.constexpr):
-    """Block-scale codes (int32, a codec with a mantissa) -> int32 holding bf16 S·2^PAIR_SHIFT
-    (exact) in both halves, the operand of the decoder's bf16x2 multiply. E4M3 by the cheaper
-    bit move of `_e4m3_times_2pow_m8`."""
-    if MAN == 3 and BIAS == 7:
-        v = _e4m3_times_2pow_m8(code) * _PAIR_SCALE_E4M3
+def _scale_pairs(code, BIAS: tl.constexpr, USE_ASM: tl.constexpr):
+    """Block-scale codes (int32, 3 mantissa bits, exponent bias BIAS: E4M3 or UE5M3) -> int32
+    holding bf16 S·2^PAIR_SHIFT (exact) in both halves, the operand of the decoder's bf16x2
+    multiply. USE_ASM: `_scale_asm`'s PTX; otherwise the same steps in fp32."""
+    if USE_ASM:
+        if BIAS == 7:
+            sp = tl.inline_asm_elementwise(
+                _SCALE_ASM_E4M3, "=r,r", [code], dtype=tl.int32, is_pure=True, pack=1
+            )
+        else:
+            tl.static_assert(BIAS == 15)
+            sp = tl.inline_asm_elementwise(
+                _SCALE_ASM_UE5M3, "=r,r", [code], dtype=tl.int32, is_pure=True, pack=1
+            )
     else:
-        v = _scale_times_2pow14(code, MAN, BIAS) * _PAIR_SCALE
-    b = v.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    return b | (b << 16)
+        lift = _LIFT_E4M3 if BIAS == 7 else _LIFT_UE5M3
+        v = (code << 20).to(tl.float32, bitcast=True)  # c << 4 as bf16, in fp32
+        v = (v * lift) * lift
+        b = v.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        sp = b | (b << 16)
+    return sp
 
 
 @triton.jit
@@ -304,7 +347,7 @@ def _fp4_gemm_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for _ in tl.range(0, STEPS, loop_unroll_factor=UNROLL):
         if PAIRS:
-            s = _scale_pairs(tl.load(s_ptrs).to(tl.int32), MAN, BIAS)
+            s = _scale_pairs(tl.load(s_ptrs).to(tl.int32), BIAS, USE_ASM)
             s = tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_K // BLOCK, BLOCK // 8))
             w = _decode_words(tl.load(c_ptrs), tl.reshape(s, (BLOCK_N, BLOCK_K // 8)), USE_ASM)
             acc = _dot(w, tl.load(x_ptrs), acc, DOT_BF16)
@@ -434,11 +477,16 @@ def supported(k: int, block_size: int) -> bool:
     return k % min_block_k(block_size) == 0
 
 
-def pairs_apply(dtype: torch.dtype, block_size: int, scale_man_bits: int) -> bool:
+def pairs_apply(dtype: torch.dtype, block_size: int, scale_man_bits: int, scale_bias: int) -> bool:
     """Whether the dot kernel decodes bf16 pairs: bf16 activations, blocks of >= 8 weights (4
-    code bytes share a scale) and a scale codec with a mantissa (E4M3, UE5M3: every scaled
-    weight is a normal bf16 after the fixed 2^PAIR_SHIFT; E8M0's range is too wide for that)."""
-    return dtype == torch.bfloat16 and block_size >= 8 and scale_man_bits > 0
+    code bytes share a scale) and an E4M3 or UE5M3 scale (every scaled weight is a normal bf16
+    after the fixed 2^PAIR_SHIFT; E8M0's range is too wide for that)."""
+    return (
+        dtype == torch.bfloat16
+        and block_size >= 8
+        and scale_man_bits == 3
+        and scale_bias in (7, 15)
+    )
 
 
 def _step(c: triton.Config, block_size: int) -> int:
@@ -574,7 +622,7 @@ def fp4_linear(
         # The interpreter's numpy dot misreads bf16 operands, so there the dot runs in fp32.
         DOT_BF16=x.dtype == torch.bfloat16 and not _INTERPRET,
         USE_ASM=USE_ASM,
-        PAIRS=pairs_apply(x.dtype, block_size, scale_man_bits)
+        PAIRS=pairs_apply(x.dtype, block_size, scale_man_bits, scale_bias)
         and codes.data_ptr() % 4 == 0  # read as int32 words
         and (not isinstance(config, GemmConfig) or config.pairs),
     )

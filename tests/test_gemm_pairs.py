@@ -28,6 +28,8 @@ except ImportError:  # triton missing or broken
     gemm = gemv = None
 
 pytestmark = pytest.mark.skipif(gemm is None, reason="triton is not importable")
+# inline PTX runs only in compiled kernels: on a GPU with TRITON_INTERPRET=0
+ASM_CASES = [False, True] if torch.cuda.is_available() and gemm and not gemm._INTERPRET else [False]
 
 
 def _run_words_ptx(word: int, scale_pair: int) -> list[int]:
@@ -62,6 +64,22 @@ def test_words_ptx_every_byte_every_scale(scale):
                 assert got == want, (s, b, pos)
 
 
+@pytest.mark.parametrize("scale", ["e4m3", "ue5m3", "ue5m3-ieee"])
+def test_scale_ptx_every_code(scale):
+    """`_scale_asm` executed on every finite code of the codec: bf16 S·2^PAIR_SHIFT in both
+    halves, bit for bit (subnormal scale codes go through bf16 subnormals)."""
+    codec = (
+        get_format("nvfp4", 16).scale
+        if scale == "e4m3"
+        else get_format("nvfp4-ue5m3", 16, scale=scale).scale
+    )
+    asm = asm_text(gemm._SCALE_ASM_E4M3 if codec.bias == 7 else gemm._SCALE_ASM_UE5M3)
+    for c, s in enumerate(_scale_values(codec)):
+        got = run_ptx(asm, {"$1": c}, min_ops=5)["$0"]
+        b = bf16_bits(s * 2.0**gemm.PAIR_SHIFT)
+        assert got == b | (b << 16), (c, s)
+
+
 def _decode_kernel():
     import triton
     import triton.language as tl
@@ -71,14 +89,14 @@ def _decode_kernel():
         r = tl.arange(0, 32)
         w = tl.arange(0, 16)
         q = tl.load(q_ptr + r[:, None] * 16 + w[None, :])
-        sp = gemm._scale_pairs(tl.load(c_ptr + r).to(tl.int32), MAN, BIAS)
+        sp = gemm._scale_pairs(tl.load(c_ptr + r).to(tl.int32), BIAS, USE_ASM)
         out = gemm._decode_words(q, tl.broadcast_to(sp[:, None], (32, 16)), USE_ASM)
         tl.store(o_ptr + r[:, None] * 128 + tl.arange(0, 128)[None, :], out)
 
     return _k
 
 
-@pytest.mark.parametrize("use_asm", [False, True] if torch.cuda.is_available() else [False])
+@pytest.mark.parametrize("use_asm", ASM_CASES)
 @pytest.mark.parametrize("fmt", ["nvfp4", "nvfp4-ue5m3"])
 def test_decode_words_kernel_matches_definition(fmt, use_asm):
     """`_scale_pairs` + `_decode_words` in a kernel: 32 rows, each a scale code, 16 words of
@@ -121,7 +139,7 @@ def test_pairs_equal_fp32_decoder_bit_for_bit(name, block, codec, split):
     """bf16 activations: the pair decoder's GEMM equals the fp32 decoder's exactly (the same
     products, scaled by a power of two), with split-K, bias, odd N and M."""
     fmt = get_format(name, block) if codec is None else get_format(name, block, scale=codec)
-    assert gemm.pairs_apply(torch.bfloat16, block, fmt.scale.man_bits)
+    assert gemm.pairs_apply(torch.bfloat16, block, fmt.scale.man_bits, fmt.scale.bias)
     qt = _quantized(45, 256, fmt, seed=block + split)
     bias = torch.randn(45).bfloat16()
     x = torch.randn(2, 5, 256).bfloat16()
@@ -148,9 +166,9 @@ def test_pairs_read_every_scale_code_back(codes):
 
 
 def test_pairs_not_used_where_they_would_be_inexact():
-    assert not gemm.pairs_apply(torch.bfloat16, 32, 0)  # E8M0: range too wide for one shift
-    assert not gemm.pairs_apply(torch.bfloat16, 4, 3)  # a word would span two scale blocks
-    assert not gemm.pairs_apply(torch.float16, 16, 3)  # fp16/fp32 activations: fp32 dot
+    assert not gemm.pairs_apply(torch.bfloat16, 32, 0, 127)  # E8M0: range too wide for one shift
+    assert not gemm.pairs_apply(torch.bfloat16, 4, 3, 7)  # a word would span two scale blocks
+    assert not gemm.pairs_apply(torch.float16, 16, 3, 7)  # fp16/fp32 activations: fp32 dot
 
 
 def test_split_k_and_unroll():
