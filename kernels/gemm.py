@@ -231,16 +231,15 @@ def _scale_pairs(code, BIAS: tl.constexpr, USE_ASM: tl.constexpr):
     """Block-scale codes (int32, 3 mantissa bits, exponent bias BIAS: E4M3 or UE5M3) -> int32
     holding bf16 S·2^PAIR_SHIFT (exact) in both halves, the operand of the decoder's bf16x2
     multiply. USE_ASM: `_scale_asm`'s PTX; otherwise the same steps in fp32."""
-    if USE_ASM:
-        if BIAS == 7:
-            sp = tl.inline_asm_elementwise(
-                _SCALE_ASM_E4M3, "=r,r", [code], dtype=tl.int32, is_pure=True, pack=1
-            )
-        else:
-            tl.static_assert(BIAS == 15)
-            sp = tl.inline_asm_elementwise(
-                _SCALE_ASM_UE5M3, "=r,r", [code], dtype=tl.int32, is_pure=True, pack=1
-            )
+    tl.static_assert(BIAS == 7 or BIAS == 15)
+    if USE_ASM and BIAS == 7:  # the asm string must be a literal constexpr, not an expression
+        sp = tl.inline_asm_elementwise(
+            _SCALE_ASM_E4M3, "=r,r", [code], dtype=tl.int32, is_pure=True, pack=1
+        )
+    elif USE_ASM:
+        sp = tl.inline_asm_elementwise(
+            _SCALE_ASM_UE5M3, "=r,r", [code], dtype=tl.int32, is_pure=True, pack=1
+        )
     else:
         lift = _LIFT_E4M3 if BIAS == 7 else _LIFT_UE5M3
         v = (code << 20).to(tl.float32, bitcast=True)  # c << 4 as bf16, in fp32
@@ -248,13 +247,6 @@ def _scale_pairs(code, BIAS: tl.constexpr, USE_ASM: tl.constexpr):
         b = v.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         sp = b | (b << 16)
     return sp
-
-
-@triton.jit
-def _e4m3_times_2pow_m8(code):
-    """E4M3 scale codes (int32, 0..127) -> fp32 value·2^-8: the code's bits moved into an fp16
-    (exponent field = E4M3's, mantissa's top 3 bits; subnormals land on fp16 subnormals)."""
-    return ((code & 127) << 7).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit

@@ -27,12 +27,18 @@ from .gemm import (
     _INTERPRET,
     _bench_graph,
     _decode_bytes,
-    _e4m3_times_2pow_m8,
     _scale_times_2pow14,
     split_k_sum,
 )
 
 GEMV_M_MAX = 2  # fp4_linear sends M at or under this here (M = 4 was faster on the dot kernel)
+
+
+@triton.jit
+def _e4m3_times_2pow_m8(code):
+    """E4M3 scale codes (int32, 0..127) -> fp32 value·2^-8: the code's bits moved into an fp16
+    (exponent field = E4M3's, mantissa's top 3 bits; subnormals land on fp16 subnormals)."""
+    return ((code & 127) << 7).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit

@@ -10,10 +10,19 @@ on exact products).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 M32 = 0xFFFFFFFF
+# use_asm values for kernel tests: inline PTX runs only in compiled kernels (a GPU with
+# TRITON_INTERPRET=0); the test modules default to the interpreter
+ASM_CASES = (
+    [False, True]
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+    else [False]
+)
 
 
 def bf16_bits(v: float) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from ptx_exec import asm_text, bf16_bits, run_ptx
+from ptx_exec import ASM_CASES, asm_text, bf16_bits, run_ptx
 
 from mxptq import QuantizedTensor, dequantize, get_format, quantize_tensor
 from mxptq.formats import e2m1_values
@@ -28,8 +28,6 @@ except ImportError:  # triton missing or broken
     gemm = gemv = None
 
 pytestmark = pytest.mark.skipif(gemm is None, reason="triton is not importable")
-# inline PTX runs only in compiled kernels: on a GPU with TRITON_INTERPRET=0
-ASM_CASES = [False, True] if torch.cuda.is_available() and gemm and not gemm._INTERPRET else [False]
 
 
 def _run_words_ptx(word: int, scale_pair: int) -> list[int]:

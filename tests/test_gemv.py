@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from ptx_exec import asm_text, run_ptx
+from ptx_exec import ASM_CASES, asm_text, run_ptx
 from quant_helpers import KERNEL_FORMATS
 
 from mxptq import QuantizedTensor, dequantize, get_format, quantize_tensor
@@ -27,8 +27,6 @@ except ImportError:  # triton missing or broken
     gemm = gemv = None
 
 pytestmark = pytest.mark.skipif(gemv is None, reason="triton is not importable")
-# inline PTX runs only in compiled kernels: on a GPU with TRITON_INTERPRET=0
-ASM_CASES = [False, True] if torch.cuda.is_available() and gemm and not gemm._INTERPRET else [False]
 
 FORMATS = KERNEL_FORMATS
 

@@ -34,40 +34,34 @@ POINTERS = {
     "ws_ptr": "*fp32",
     "cnt_ptr": "*i32",
 }
+COMMON = dict(BLOCK=16, MAN=3, BIAS=7, HAS_GLOBAL=True, USE_ASM=True)  # nvfp4, compiled PTX
 GEMM_BASE = dict(
+    COMMON,
     K=4096,
-    BLOCK=16,
-    MAN=3,
-    BIAS=7,
-    HAS_GLOBAL=True,
     HAS_BIAS=True,
     DOT_BF16=True,
     BLOCK_N=32,
     BLOCK_M=16,
     BLOCK_K=256,
     HALVES=False,
-    USE_ASM=True,
     SPLIT=1,
     PAIRS=True,
     UNROLL=1,
 )
 GEMV_BASE = dict(
+    COMMON,
     K=1024,
-    BLOCK=16,
-    MAN=3,
-    BIAS=7,
-    HAS_GLOBAL=True,
     HAS_BIAS=False,
     X_PAIRS=True,
-    USE_ASM=True,
     BLOCK_N=4,
     BLOCK_K=512,
     STAGES=1,
 )
 FP16_IO = {"x_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp16"}
 # Inline PTX shows in the PTX by its masks: the pair decoder's, the scale decoder's and the
-# fp32 decoder's.
+# fp32 decoder's; the scale decoder's multiplier (bf16 2^110 / 2^106) names the codec.
 WORDS, SCALE, BYTES = "0x01C001C0", "0x00100010", "0x0E000E00"
+LIFT_E4M3, LIFT_UE5M3 = "0x76807680", "0x74807480"
 # name: (kernel, constexpr overrides, pointer overrides, warps, stages, PTX it must hold, PTX
 # it must not hold)
 CASES = {
@@ -77,8 +71,8 @@ CASES = {
         {},
         2,
         3,
-        [WORDS, SCALE, "mma.sync", "cp.async", "atom"],
-        [BYTES],
+        [WORDS, SCALE, LIFT_E4M3, "mma.sync", "cp.async", "atom"],
+        [BYTES, LIFT_UE5M3],
     ),
     "gemm-pairs-ue5m3-unroll": (
         "gemm",
@@ -86,8 +80,8 @@ CASES = {
         {},
         2,
         4,
-        [WORDS, SCALE],
-        [],
+        [WORDS, SCALE, LIFT_UE5M3],
+        [LIFT_E4M3],
     ),
     "gemm-pairs-twin": ("gemm", dict(USE_ASM=False), {}, 2, 3, ["mma.sync"], [WORDS, SCALE]),
     "gemm-fp32-halves": (
