@@ -1,8 +1,11 @@
-"""mxptq: offline FP4 (NVFP4 / MXFP4) quantization with searched block scales."""
+"""mxptq: offline FP4 (NVFP4 / MXFP4) quantization with searched block scales.
 
-from .formats import FORMATS, SCALE_CODECS, Format, get_format
-from .scales import SELECTORS
-from .tensor import QuantizedTensor, dequantize, quantize_tensor
+Exports resolve on first use, so `import mxptq` (and the `mxptq` command's start, which a
+Ctrl-C may interrupt) imports neither torch nor transformers; it only registers the packed
+loader to be installed when transformers loads its quantizers (mxptq.runtime.hook).
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
@@ -10,24 +13,22 @@ from .runtime import hook as _hook  # noqa: E402
 
 _hook.install()  # from_pretrained finds the packed loader; transformers is not imported here
 
+_EXPORTS = {
+    "FORMATS": ".formats",
+    "SCALE_CODECS": ".formats",
+    "Format": ".formats",
+    "get_format": ".formats",
+    "SELECTORS": ".scales",
+    "QuantizedTensor": ".tensor",
+    "dequantize": ".tensor",
+    "quantize_tensor": ".tensor",
+    "PackedConfig": ".runtime.loader",
+    "load": ".runtime.loader",
+}
+__all__ = sorted(_EXPORTS)
+
 
 def __getattr__(name: str):
-    """`load` and `PackedConfig` import the loader (and transformers) on first use."""
-    if name in ("PackedConfig", "load"):
-        from .runtime import loader
-
-        return getattr(loader, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-__all__ = [
-    "FORMATS",
-    "SCALE_CODECS",
-    "SELECTORS",
-    "Format",
-    "PackedConfig",
-    "QuantizedTensor",
-    "dequantize",
-    "get_format",
-    "load",
-    "quantize_tensor",
-]
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name], __name__), name)

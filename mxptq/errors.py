@@ -3,3 +3,8 @@
 
 class MxptqError(Exception):
     """A problem with the user's input or environment, described in one line."""
+
+
+class ResumableError(MxptqError):
+    """The run stopped for a cause outside its input (a full disk, an unreadable file, a
+    signal): the finished shards are kept and `--resume` continues once the cause is fixed."""

@@ -6,36 +6,33 @@ script or the CLI can report all of them rather than the first."""
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from .checkpoint.dialects import Dialect, dialect_of_config
+from .checkpoint.manifest import verify_folder
 from .checkpoint.report import REPORT_NAME
-from .checkpoint.safetensors_io import INDEX_NAME, TensorInfo, list_shards, read_header
+from .checkpoint.safetensors_io import list_shards, read_header
 from .errors import MxptqError
-from .formats import E4M3, E8M0, Format
-from .plan import FUSED_SETS, matches
+from .formats import Format
 from .scales import absmax_code
+from .validate import (
+    Layer,
+    check_config,
+    check_tensors,
+    checkpoint_tensors,
+    dense_nan_problems,
+    fused_scale_problems,
+    global_problem,
+    read_config,
+    scale_problems,
+    tensor_roles,
+)
 
-# Sets whose members can legitimately be absent (MLA without q LoRA has no q_a_proj).
-_OPTIONAL_SETS = {("q_a_proj", "kv_a_proj_with_mqa")}
 _FLOAT_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-@dataclass
-class Layer:
-    """One quantized Linear as stored."""
-
-    name: str
-    shape: tuple[int, int]  # [N, K] of the dense weight
-    bytes: int  # codes + scales + global scale
-    global_name: str | None  # its global scale tensor, if it has a usable one
-    global_scale: float | None = None  # the stored value (ModelOpt: weight_scale_2 = 1/g)
-    codes: Counter = field(default_factory=Counter)  # scale code -> blocks
 
 
 @dataclass
@@ -108,131 +105,10 @@ class Inspection:
         return out
 
 
-def _shard_headers(folder: Path, ins: Inspection) -> dict[str, TensorInfo]:
-    """Every tensor of the checkpoint, checking the index against the files on the way."""
-    files = {p.name for p in folder.glob("*.safetensors")}
-    weight_map: dict[str, str] | None = None
-    index = folder / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            ins.problems.append(f"{INDEX_NAME}: unreadable ({e})")
-    elif len(files) > 1:
-        ins.problems.append(f"{len(files)} safetensors files but no {INDEX_NAME}")
-    headers: dict[str, dict[str, TensorInfo]] = {}
-    for name in sorted(files | set((weight_map or {}).values())):
-        if name not in files:
-            n = sum(1 for v in weight_map.values() if v == name)
-            ins.problems.append(f"{INDEX_NAME}: shard {name} ({n} tensors) does not exist")
-            continue
-        try:
-            headers[name] = read_header(folder / name)
-        except MxptqError as e:
-            ins.problems.append(str(e))
-    tensors: dict[str, TensorInfo] = {}
-    for shard, h in headers.items():
-        for t, info in h.items():
-            if t in tensors:
-                ins.problems.append(f"tensor {t} is in both {tensors[t].shard} and {shard}")
-            tensors[t] = info
-            if weight_map is not None and t not in weight_map:
-                ins.problems.append(f"tensor {t} in {shard} is not in {INDEX_NAME}")
-            elif weight_map is not None and weight_map[t] != shard:
-                ins.problems.append(f"tensor {t} is in {shard} but {INDEX_NAME} says "
-                                    f"{weight_map[t]}")
-    for t, shard in (weight_map or {}).items():
-        if shard in headers and t not in headers[shard]:
-            ins.problems.append(f"{INDEX_NAME}: tensor {t} is not in {shard}")
-    if not tensors and not ins.problems:
-        ins.problems.append("no safetensors weights found")
-    return tensors
-
-
-def _names(dialect: Dialect, has_global: bool) -> dict[str, str]:
-    """Role -> tensor suffix for the dialect."""
-    out = {"codes": dialect.codes_name, "scales": dialect.scales_name}
-    if has_global or dialect.global_is_decode:  # ModelOpt always stores weight_scale_2
-        out["global"] = dialect.global_name
-    return out
-
-
-def _quantized_modules(tensors: dict[str, TensorInfo], dialect: Dialect) -> list[str]:
-    """Modules holding any packed tensor (a module missing some of them is still found). A
-    dense ModelOpt-style `weight` is told from packed codes by its dtype."""
-    mods = set()
-    for t, info in tensors.items():
-        mod, _, leaf = t.rpartition(".")
-        if leaf in (dialect.scales_name, dialect.global_name) or (
-                leaf == dialect.codes_name and (leaf != "weight" or info.dtype == "U8")):
-            mods.add(mod)
-    return sorted(mods)
-
-
-def _check_layer(mod, tensors, fmt, dialect: Dialect, ins) -> Layer | None:
-    """Names, dtypes and shapes of one quantized Linear against the format; None if unusable."""
-    names = _names(dialect, fmt.has_global)
-    infos = {}
-    for role, suffix in names.items():
-        info = tensors.get(f"{mod}.{suffix}")
-        if info is None:
-            ins.problems.append(f"{mod}: {mod}.{suffix} is missing")
-        infos[role] = info
-    if dialect.codes_name != "weight" and f"{mod}.weight" in tensors:
-        ins.problems.append(f"{mod}: has a dense {mod}.weight next to its packed tensors")
-    if "global" not in names and f"{mod}.{dialect.global_name}" in tensors:
-        ins.problems.append(f"{mod}: {dialect.global_name} present but {fmt.name} has no global")
-    want = {"codes": "U8", "scales": "F8_E4M3" if fmt.scale is E4M3 else "U8", "global": "F32"}
-    bad = False
-    for role, info in infos.items():
-        if info is not None and info.dtype != want[role]:
-            ins.problems.append(f"{info.name}: dtype {info.dtype}, expected {want[role]}")
-            bad = True
-    codes, scales, g = infos["codes"], infos["scales"], infos.get("global")
-    if codes is None or scales is None or bad:
-        return None
-    if len(codes.shape) != 2 or len(scales.shape) != 2:
-        ins.problems.append(f"{mod}: codes {list(codes.shape)} / scales {list(scales.shape)} "
-                            "are not 2-D")
-        return None
-    n, k = codes.shape[0], codes.shape[1] * 2
-    if scales.shape != (n, k // fmt.block_size) or k % fmt.block_size:
-        ins.problems.append(
-            f"{mod}: scales shape {list(scales.shape)} does not fit codes {list(codes.shape)} "
-            f"(expected [{n}, {k // fmt.block_size}] for K={k}, block {fmt.block_size})")
-        return None
-    g_shape = dialect.global_shape
-    if g is not None and g.shape != g_shape:
-        ins.problems.append(f"{g.name}: shape {list(g.shape)}, expected {list(g_shape)}")
-        g = None
-    nbytes = sum(i.nbytes for i in infos.values() if i is not None)
-    return Layer(mod, (n, k), nbytes, None if g is None else g.name)
-
-
-def _bad_scale_bytes(b: torch.Tensor, fmt: Format) -> list[str]:
-    """Scale bytes no encoder writes: NaN, a sign bit, codes above the codec's maximum."""
-    out = []
-    if fmt.scale is E4M3:
-        nan = (b & 0x7F) == 0x7F
-        neg = ((b & 0x80) != 0) & ~nan
-        if nan.any():
-            out.append(f"{int(nan.sum())} NaN scale bytes (0x7F/0xFF)")
-        if neg.any():
-            out.append(f"{int(neg.sum())} negative scale bytes (sign bit set)")
-    elif fmt.scale is E8M0:
-        if (b == 0xFF).any():
-            out.append(f"{int((b == 0xFF).sum())} NaN scale bytes (0xFF)")
-    else:
-        high = b.int() > fmt.scale.max_code
-        if high.any():
-            out.append(f"{int(high.sum())} scale codes above {fmt.scale.name} max "
-                       f"{fmt.scale.max_code}")
-    return out
-
-
-def _read_values(folder, tensors, layers, fmt, dialect: Dialect, ins) -> None:
+def _read_values(folder, tensors, layers, fmt, dialect, ins) -> None:
     """Scale codes (histogram and validity) and global scales of every usable layer."""
     handles = {}
+    globals_ = {}
     for lay in layers:
         scale_name = f"{lay.name}.{dialect.scales_name}"
         for role, name in (("scales", scale_name), ("global", lay.global_name)):
@@ -244,46 +120,15 @@ def _read_values(folder, tensors, layers, fmt, dialect: Dialect, ins) -> None:
             t = handles[info.shard].get_tensor(info.name)
             if role == "scales":
                 b = t.view(torch.uint8).flatten()
-                for msg in _bad_scale_bytes(b, fmt):
-                    ins.problems.append(f"{info.name}: {msg}")
+                ins.problems.extend(scale_problems(info.name, b, fmt))
                 counts = torch.bincount(b.long(), minlength=256).tolist()
                 lay.codes = Counter({c: n for c, n in enumerate(counts) if n})
             else:
                 lay.global_scale = float(t.float().reshape(()))
-                if not (lay.global_scale > 0 and lay.global_scale != float("inf")):
-                    ins.problems.append(f"{info.name}: global scale {lay.global_scale} is not "
-                                        "a positive finite number")
-
-
-def _check_fused(tensors: dict[str, TensorInfo], quantized: set[str], layers: list[Layer],
-                 ins: Inspection) -> None:
-    """Fused partners must all be quantized, all present, and share one global scale."""
-    by_name = {lay.name: lay for lay in layers}
-    present = {t.rpartition(".")[0] for t in tensors}
-    groups: dict[tuple[str, tuple], list[str]] = defaultdict(list)
-    for mod in present:
-        parent, _, leaf = mod.rpartition(".")
-        for fs in FUSED_SETS:
-            if leaf in fs:
-                groups[(parent, fs)].append(leaf)
-    for (parent, fs), leaves in sorted(groups.items()):
-        mods = [f"{parent}.{leaf}" for leaf in fs if leaf in leaves]
-        q = [m for m in mods if m in quantized]
-        if not q:
-            continue
-        for m in mods:
-            if m not in quantized:
-                ins.problems.append(f"fused partner {m} is dense while {q[0]} is quantized")
-        if fs not in _OPTIONAL_SETS:
-            for leaf in fs:
-                if leaf not in leaves:
-                    ins.problems.append(f"fused partner {parent}.{leaf} of {q[0]} is missing")
-        gs = {m: by_name[m].global_scale for m in q
-              if m in by_name and by_name[m].global_scale is not None}
-        if len(set(gs.values())) > 1:
-            shown = ", ".join(f"{m.rpartition('.')[2]}={v:.6g}" for m, v in gs.items())
-            ins.problems.append(f"fused partners of {parent} have different global scales "
-                                f"({shown})")
+                globals_[lay.name] = lay.global_scale
+                if (p := global_problem(info.name, lay.global_scale)) is not None:
+                    ins.problems.append(p)
+    ins.problems.extend(fused_scale_problems(globals_))
 
 
 def _original(folder, tensors, ins: Inspection, config: dict) -> None:
@@ -323,41 +168,47 @@ def _offsets(original: Path, layers: list[Layer], q: dict, ins: Inspection) -> N
         ins.offsets.update(Counter(off.flatten().tolist()))
 
 
-def inspect_checkpoint(folder: str | Path, original: str | Path | None = None) -> Inspection:
-    """Summarize and check `folder`; `original` (the unquantized model) enables offsets."""
+def inspect_checkpoint(folder: str | Path, original: str | Path | None = None,
+                       verify: bool = False) -> Inspection:
+    """Summarize and check `folder`; `original` (the unquantized model) enables offsets;
+    `verify` re-reads every byte against the manifest written with the checkpoint."""
     folder = Path(folder)
     ins = Inspection(folder)
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = read_config(folder)
         qc = config.get("quantization_config")
-        if not qc:
-            raise MxptqError("config.json has no quantization_config")
-        dialect = dialect_of_config(qc)
-        fmt = dialect.format_from_config(qc)
-    except (OSError, ValueError, KeyError, TypeError, MxptqError) as e:
-        ins.problems.append(f"config.json: {e}")
+        dialect, fmt, problems = check_config(qc)
+    except MxptqError as e:
+        ins.problems.append(str(e) if str(e).startswith("config.json") else f"config.json: {e}")
         return ins
+    ins.problems.extend(problems)
     ins.dialect, ins.fmt = dialect.name, fmt
-    tensors = _shard_headers(folder, ins)
-    mods = _quantized_modules(tensors, dialect)
-    layers = [lay for m in mods if (lay := _check_layer(m, tensors, fmt, dialect, ins))]
+    tensors, problems = checkpoint_tensors(folder)
+    ins.problems.extend(problems)
+    layers, mods, problems = check_tensors(tensors, dialect, fmt, qc)
+    ins.problems.extend(problems)
     ins.layers = layers
-    packed = {f"{m}.{s}" for m in mods for s in _names(dialect, True).values()}
+    packed = {f"{m}.{s}" for m in mods for s in tensor_roles(dialect, True).values()}
     ins.dense_bytes = sum(i.nbytes for t, i in tensors.items() if t not in packed)
-    ignore = qc.get("ignore") or []
-    for mod in mods:
-        if matches(ignore, mod):
-            ins.problems.append(f"{mod}: quantized but listed in quantization_config ignore")
     _read_values(folder, tensors, layers, fmt, dialect, ins)
-    _check_fused(tensors, set(mods), layers, ins)
+    ins.problems.extend(dense_nan_problems(folder, tensors, packed))
     _original(folder, tensors, ins, config)
     report = folder / REPORT_NAME
-    rep = json.loads(report.read_text()) if report.is_file() else {}
+    try:
+        rep = json.loads(report.read_text()) if report.is_file() else {}
+    except ValueError:
+        rep = {}
+        ins.problems.append(f"{REPORT_NAME}: not valid JSON")
+    rep = rep if isinstance(rep, dict) else {}
     ins.selector = rep.get("scale") or qc.get("scale")
+    ignore = [m for m in qc.get("ignore") or [] if isinstance(m, str)] \
+        if isinstance(qc.get("ignore"), list) else []
     kept = rep.get("kept")
-    if kept is None:
+    if not isinstance(kept, dict):
         kept = {f"{m}.weight": "listed in quantization_config ignore" for m in ignore}
     ins.kept = {k: v for k, v in kept.items() if v != "not a Linear weight"}
+    if verify:
+        ins.problems.extend(verify_folder(folder))
     if original is not None and not ins.problems:
         from .checkpoint.reader import read_checkpoint
 

@@ -133,13 +133,20 @@ def inspect_command(
         None, "--original", help="The unquantized model folder: adds the histogram of "
         "ScaleSearch offsets (chosen scale code - abs-max code). (default: none)"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Also re-read every byte against the SHA-256 manifest written "
+        "with the checkpoint and name the first tensor of each file that differs. (default: "
+        "off; headers, scales and dense tensors are always checked)"),
 ) -> None:
     """Summarize a quantized checkpoint and check its integrity (non-zero exit on a problem)."""
     try:
-        ins = inspect_checkpoint(folder, original)
+        ins = inspect_checkpoint(folder, original, verify)
     except MxptqError as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        raise typer.Exit(130) from None
     except Exception as e:
         if os.environ.get("MXPTQ_DEBUG"):
             raise

@@ -1,7 +1,8 @@
 """Stream a checkpoint shard by shard: a reader thread loads tensors (and the amax of fused
 partners stored in other shards), the main thread quantizes on the device, a writer thread
-writes each finished output shard. Output goes to a hidden folder next to --out, renamed into
-place only when complete; finished shards are recorded there so --resume can continue."""
+writes each finished output shard. Output goes to a hidden folder next to --out (mxptq.outdir),
+renamed into place only when complete; each finished shard is fsynced and recorded with its
+SHA-256 there, so --resume continues from it after any crash and re-checks it first."""
 
 from __future__ import annotations
 
@@ -21,15 +22,24 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint.report import write_report
-from .checkpoint.safetensors_io import INDEX_NAME, ShardWriter, read_tensor, write_index
-from .errors import MxptqError
+from .checkpoint.durable import copy_atomic, event, fsync_dir, write_atomic
+from .checkpoint.manifest import write_manifest
+from .checkpoint.report import REPORT_NAME, write_report
+from .checkpoint.safetensors_io import ShardWriter, read_header_bytes, read_tensor, write_index
+from .errors import MxptqError, ResumableError
+from .outdir import (
+    OutputLock,
+    Prepared,
+    drop_state,
+    move_into_place,
+    prepare_output,
+    save_record,
+)
 from .plan import Item, Plan
+from .source import side_files
 from .tensor import QuantizedTensor, dequantize, quantize_tensor
 
-STATE_NAME = ".mxptq-state.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-FAIL_AFTER_ENV = "MXPTQ_FAIL_AFTER_SHARD"  # testing hook: crash after this many output shards
+_FLOATS = {"F32", "BF16", "F16", "F64"}
 _PREFETCH_BUNDLES = 4  # bundles read ahead of the device
 _WRITE_QUEUE = 8  # output tensors waiting for the writer
 _READ_THREADS = 4
@@ -53,6 +63,8 @@ class RunOptions:
     resume: bool = False
     flags: dict = field(default_factory=dict)  # recorded in the report and the resume signature
     calib: CalibData | None = None
+    side: tuple[list, list[str]] | None = None  # source.side_files(model), if already listed
+    on_note: Callable[[str], None] | None = None  # one line for the user (resume decisions)
 
 
 @dataclass
@@ -67,10 +79,6 @@ class _Bundle:
     @property
     def tensors(self) -> list[torch.Tensor]:
         return [f.result() for f in self.futures]
-
-
-def partial_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.mxptq-partial"
 
 
 def output_shard_names(plan: Plan) -> dict[str, str]:
@@ -101,30 +109,27 @@ def _backend(device: torch.device) -> str:
     return "auto"
 
 
-def prepare_output(out: Path, overwrite: bool, resume: bool) -> Path:
-    """Check --out before heavy work and return the partial folder to write into."""
-    if out.exists() and not out.is_dir():
-        raise MxptqError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MxptqError(f"--out {out}: folder is not empty (pass --overwrite to replace it)")
-    tmp = partial_dir(out)
-    if tmp.exists() and not resume:
-        shutil.rmtree(tmp)
-    try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        probe = tmp / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise MxptqError(f"--out {out}: cannot write there ({e.strerror or e})") from e
-    return tmp
+def fingerprints(plan: Plan) -> dict[str, tuple[int, int, str]]:
+    """(size, mtime_ns, SHA-256 of the header) of every input shard: what --resume compares to
+    tell changed input. Hashing every input byte would cost a full extra read (or CPU in the
+    reader) per run; a content change that keeps size and modification time (and the header)
+    is the one this does not see (docs/reliability.md)."""
+    out = {}
+    for p in plan.shards:
+        st = os.stat(p)
+        raw, _ = read_header_bytes(p)
+        out[p.name] = (st.st_size, st.st_mtime_ns, hashlib.sha256(raw).hexdigest())
+    return out
 
 
-def signature(plan: Plan, flags: dict) -> str:
-    """What must be equal for --resume to continue a run: flags and the input headers."""
+def signature(plan: Plan, flags: dict, prints: dict) -> str:
+    """What must be equal for --resume to continue a run: flags, the plan, the input shards'
+    fingerprints and config.json."""
     h = hashlib.sha256(json.dumps(flags, sort_keys=True, default=str).encode())
     for it in plan.items:
         h.update(f"{it.name}|{it.info.shard}|{it.info.dtype}|{it.info.shape}|{it.action}".encode())
+    h.update(json.dumps(sorted(prints.items())).encode())
+    h.update((plan.model_dir / "config.json").read_bytes())
     return h.hexdigest()
 
 
@@ -161,9 +166,11 @@ class Quantizer:
                 )
             except ValueError as e:
                 raise MxptqError(f"tensor {name}: {e}") from e
-        wf = w.float()
+        # scaled to |w| <= 1 first, so that the squares cannot overflow fp32 (a weight of 3e38)
+        m = w.float().abs().amax().clamp_min(1e-30)
+        wf, dq = w.float() / m, dequantize(qt).to(w.device) / m
         den = float((wf * wf).sum())
-        err = float(((wf - dequantize(qt).to(wf.device)) ** 2).sum())
+        err = float(((wf - dq) ** 2).sum())
         return qt.to("cpu"), err, den
 
     def _write(self, module: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
@@ -211,8 +218,30 @@ class Quantizer:
         return out, stats
 
 
+def _open_input(path: Path, prints: dict) -> int:
+    """Open an input shard read-only, refusing one that changed since the plan was made."""
+    fd = os.open(path, os.O_RDONLY)
+    st = os.fstat(fd)
+    size, mtime, _ = prints[path.name]
+    if (st.st_size, st.st_mtime_ns) != (size, mtime):
+        os.close(fd)
+        raise MxptqError(f"{path}: changed while this run was using it (size or modification "
+                         "time); rerun once the model folder is stable")
+    return fd
+
+
+def _read_dense(fd: int, item: Item) -> torch.Tensor:
+    """A tensor kept as it is; NaN is refused here as it is in quantized ones (an Inf may be a
+    mask's -inf, so it passes)."""
+    t = read_tensor(fd, item.info)
+    if item.info.dtype in _FLOATS and t.numel() and bool(torch.isnan(t).any()):
+        raise MxptqError(f"tensor {item.name} (kept dense: {item.reason}): "
+                         f"{int(torch.isnan(t).sum())} NaN values")
+    return t
+
+
 def _reader(plan: Plan, shards: list[Path], q: queue.Queue, stop: threading.Event,
-            pin: bool) -> None:
+            pin: bool, prints: dict) -> None:
     """Produce bundles shard by shard, in plan order, their tensors read by a small thread pool
     (the bounded queue limits what is in flight); partners in other shards contribute only
     their amax."""
@@ -222,7 +251,7 @@ def _reader(plan: Plan, shards: list[Path], q: queue.Queue, stop: threading.Even
     fds: list[int] = []
     try:
         for shard in shards:
-            fd = os.open(shard, os.O_RDONLY)
+            fd = _open_input(shard, prints)
             fds.append(fd)
             done: set[str] = set()
             for it in by_shard.get(shard.name, []):
@@ -236,15 +265,17 @@ def _reader(plan: Plan, shards: list[Path], q: queue.Queue, stop: threading.Even
                     members = [m for m in group if m.info.shard == shard.name]
                     for m in group:
                         if m.info.shard != shard.name:
-                            pfd = os.open(plan.model_dir / m.info.shard, os.O_RDONLY)
+                            pfd = _open_input(plan.model_dir / m.info.shard, prints)
                             try:
                                 a = float(read_tensor(pfd, m.info).abs().amax().float())
                             finally:
                                 os.close(pfd)
                             amax = a if amax is None else max(amax, a)
                 done.update(m.name for m in members)
-                on_gpu = pin and it.action == "quantize"
-                futs = [pool.submit(read_tensor, fd, m.info, on_gpu) for m in members]
+                if it.action == "keep":
+                    futs = [pool.submit(_read_dense, fd, it)]
+                else:
+                    futs = [pool.submit(read_tensor, fd, m.info, pin) for m in members]
                 q.put(_Bundle(members, futs, amax))
             q.put(shard.name)
         q.put(None)
@@ -258,11 +289,12 @@ def _reader(plan: Plan, shards: list[Path], q: queue.Queue, stop: threading.Even
 
 class _Writer(threading.Thread):
     """Writes output tensors at their planned offsets as they arrive, one shard at a time, and
-    records each finished shard in the state file (what --resume reads)."""
+    records each finished shard (fsynced, renamed, then its checksummed record written)."""
 
-    def __init__(self, plan: Plan, tmp: Path, names: dict[str, str], state: dict):
+    def __init__(self, plan: Plan, tmp: Path, names: dict[str, str]):
         super().__init__(daemon=True)
-        self.plan, self.tmp, self.names, self.state = plan, tmp, names, state
+        self.plan, self.tmp, self.names = plan, tmp, names
+        self.records: dict[str, dict] = {}
         self.q: queue.Queue = queue.Queue(maxsize=_WRITE_QUEUE)
         self.error: BaseException | None = None
         self.specs = {}
@@ -285,13 +317,13 @@ class _Writer(threading.Thread):
                 elif msg[0] == "put":
                     w.put(msg[1], msg[2])
                 else:  # ("close", shard, stats, seconds)
-                    size = w.close()
+                    rec = w.close()
                     w = None
-                    self.state["done"][msg[1]] = {
-                        "file": self.names[msg[1]], "size": size, "stats": msg[2],
-                        "seconds": msg[3],
-                    }
-                    (self.tmp / STATE_NAME).write_text(json.dumps(self.state))
+                    fsync_dir(self.tmp)
+                    rec.update(stats=msg[2], seconds=msg[3])
+                    save_record(self.tmp, msg[1], rec)
+                    self.records[msg[1]] = rec
+                    event("shard-recorded")
             except BaseException as e:  # re-raised in the main thread by send/finish
                 self.error = e
                 if w is not None:
@@ -315,39 +347,95 @@ class _Writer(threading.Thread):
         self.join()
 
 
+def _resumable(e: OSError, tmp: Path) -> ResumableError:
+    where = f"{e.filename}: " if e.filename else ""
+    return ResumableError(f"{where}{e.strerror or e}; finished shards are kept in {tmp}: rerun "
+                          "with --resume once the cause is fixed")
+
+
+@dataclass
+class Start:
+    """How a run starts, decided before any heavy work (calibration included)."""
+
+    prep: Prepared
+    sig: str
+    prints: dict
+    names: dict[str, str]
+
+    @property
+    def nothing_left(self) -> bool:
+        """No shard is left to quantize (calibration would be wasted)."""
+        return self.prep.finished or self.prep.complete or len(self.prep.done) == len(self.names)
+
+
+def start(plan: Plan, opts: RunOptions) -> Start:
+    """Decide under the --out lock (the caller holds OutputLock(opts.out) until `run` returns):
+    refuse, start afresh, resume from the checked finished shards, or report the output
+    already finished."""
+    names = output_shard_names(plan)
+    try:
+        prints = fingerprints(plan)
+        sig = signature(plan, opts.flags, prints)
+        prep = prepare_output(opts.out, opts.overwrite, opts.resume, sig, names)
+    except OSError as e:
+        raise MxptqError(f"{e.filename or opts.out}: {e.strerror or e}") from e
+    except ValueError as e:  # an input header that changed since the plan read it
+        raise MxptqError(f"input changed while planning ({e})") from e
+    for note in prep.notes:
+        if opts.on_note:
+            opts.on_note(note)
+    return Start(prep, sig, prints, names)
+
+
 def run(
     plan: Plan,
     opts: RunOptions,
     on_progress: Callable[[int, int], None] | None = None,
+    begun: Start | None = None,
 ) -> dict:
-    """Quantize the whole plan into opts.out; returns the report dict."""
+    """Quantize the whole plan into opts.out; returns the report dict. Holds the --out lock
+    for the whole run; `begun` is what `start` decided, if the caller called it (holding the
+    lock since)."""
     t0 = time.perf_counter()
     device = resolve_device(opts.device)
-    tmp = prepare_output(opts.out, opts.overwrite, opts.resume)
-    names = output_shard_names(plan)
-    sig = signature(plan, opts.flags)
-    state_path = tmp / STATE_NAME
-    state = {"signature": sig, "done": {}}
-    if opts.resume and state_path.is_file():
-        prev = json.loads(state_path.read_text())
-        if prev.get("signature") != sig:
-            raise MxptqError(
-                f"--resume: {tmp} holds a run with other flags or input; drop --resume"
-            )
-        state = prev
-    state["done"] = {s: v for s, v in state["done"].items() if (tmp / v["file"]).is_file()}
-    todo = [s for s in plan.shards if s.name not in state["done"]]
-    fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)
+    side, _ = opts.side if opts.side is not None else side_files(plan.model_dir)
+    with OutputLock(opts.out):
+        b = begun or start(plan, opts)
+        prep, tmp = b.prep, b.prep.tmp
+        try:
+            if prep.finished or prep.complete:
+                if prep.complete:
+                    move_into_place(tmp, opts.out)
+                if opts.on_note:
+                    opts.on_note(f"{opts.out} holds this checkpoint (same flags and input): "
+                                 "nothing left to do")
+                with contextlib.suppress(OSError, ValueError):
+                    return json.loads((opts.out / REPORT_NAME).read_text())
+                return {}
+            todo = [s for s in plan.shards if s.name not in prep.done]
+            records = _stream(plan, opts, device, tmp, b.names, todo, b.prints, on_progress)
+            records.update(prep.done)
+            return finalize(plan, opts, tmp, b.names, records, time.perf_counter() - t0,
+                            device, side, b.sig)
+        except OSError as e:
+            raise _resumable(e, tmp) from e
+        except MxptqError as e:
+            if not isinstance(e, ResumableError):  # bad input: a resume would fail the same way
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
+
+def _stream(plan, opts, device, tmp, names, todo, prints, on_progress) -> dict[str, dict]:
+    """Read, quantize and write the shards in `todo`; returns their records."""
     quant = Quantizer(plan, device, opts.calib)
     q: queue.Queue = queue.Queue(maxsize=_PREFETCH_BUNDLES)
     stop = threading.Event()
     pin = device.type == "cuda"
-    reader = threading.Thread(target=_reader, args=(plan, todo, q, stop, pin), daemon=True)
-    writer = _Writer(plan, tmp, names, state)
+    reader = threading.Thread(target=_reader, args=(plan, todo, q, stop, pin, prints),
+                              daemon=True)
+    writer = _Writer(plan, tmp, names)
     reader.start()
     writer.start()
-    written = 0
     try:
         stats: list[dict] = []
         t_shard = time.perf_counter()
@@ -363,10 +451,6 @@ def run(
                     writer.send("open", b)
                 writer.send("close", b, stats, time.perf_counter() - t_shard)
                 stats, t_shard, opened = [], time.perf_counter(), False
-                written += 1
-                if fail_after and written >= fail_after:
-                    writer.flush()
-                    raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: simulated crash")
                 continue
             if not opened:
                 writer.send("open", b.items[0].info.shard)
@@ -381,62 +465,48 @@ def run(
             if on_progress:
                 on_progress(len(b.items), sum(it.info.nbytes for it in b.items))
         writer.flush()
-    except BaseException as e:
+    except BaseException:
         stop.set()
         while reader.is_alive():
             with contextlib.suppress(queue.Empty):
                 q.get(timeout=0.1)
         writer.stop()
-        if isinstance(e, MxptqError):  # bad input: a resume would fail the same way
-            shutil.rmtree(tmp, ignore_errors=True)
         raise
     writer.stop()
-    return finalize(plan, opts, tmp, names, state, time.perf_counter() - t0, device)
+    return writer.records
 
 
-def finalize(plan, opts, tmp, names, state, seconds, device) -> dict:
-    """Index, config, copied files and report; then move the folder into place."""
+def finalize(plan, opts, tmp, names, records, seconds, device, side, sig) -> dict:
+    """Index, config, copied files, report and manifest, each written atomically; then the
+    resume state is dropped and the folder moved into place."""
+    event("finalize-start")
     weight_map = {}
     for it in plan.items:
         for n in plan.output_specs(it):
             weight_map[n] = names[it.info.shard]
-    total = sum(v["size"] for v in state["done"].values())
+    total = sum(v["size"] for v in records.values())
     write_index(tmp, weight_map, total)
-    _copy_side_files(plan.model_dir, tmp)
+    for rel, src in side:
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        copy_atomic(src, tmp / rel)
     config = json.loads((plan.model_dir / "config.json").read_text())
     config["quantization_config"] = plan.dialect.config(
         plan.fmt, plan.scale, plan.ignore, plan.w4a4
     )
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_atomic(tmp / "config.json",
+                 (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     for fname, content in plan.dialect.extra_files(plan.fmt, plan.ignore, plan.w4a4).items():
-        (tmp / fname).write_text(json.dumps(content, indent=2) + "\n")
-    stats = [s for v in state["done"].values() for s in v["stats"]]
+        write_atomic(tmp / fname, (json.dumps(content, indent=2) + "\n").encode())
+    ordered = [records[s.name] for s in plan.shards]
+    stats = [s for r in ordered for s in r["stats"]]
     calib = opts.calib.summary if opts.calib else None
-    report = write_report(tmp, plan, opts.flags, stats, state, seconds, str(device), __version__,
-                          calib)
-    (tmp / STATE_NAME).unlink(missing_ok=True)
-    out = opts.out
-    if out.exists():
-        old = out.parent / f".{out.name}.mxptq-old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    timings = {r["file"]: r["seconds"] for r in ordered}
+    report = write_report(tmp, plan, opts.flags, stats, timings, seconds, str(device),
+                          __version__, calib)
+    for d in sorted({(tmp / rel).parent for rel, _ in side}):
+        fsync_dir(d)
+    write_manifest(tmp, sig, ordered)
+    drop_state(tmp)
+    event("finalize-state-dropped")
+    move_into_place(tmp, opts.out)
     return report
-
-
-def _copy_side_files(src: Path, dst: Path) -> None:
-    """Tokenizer, generation config and other non-weight files, byte for byte."""
-    for p in sorted(src.rglob("*")):
-        rel = p.relative_to(src)
-        if (
-            p.is_dir()
-            or rel.parts[0].startswith(".")
-            or p.name.endswith(WEIGHT_SUFFIXES)
-            or str(rel) in ("config.json", INDEX_NAME, "hf_quant_config.json")
-        ):
-            continue
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(p, dst / rel)

@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,13 +25,16 @@ from rich.progress import (
 from rich.table import Table
 
 from .checkpoint.dialects import default_dialect, get_dialect
+from .checkpoint.durable import reset_events
+from .checkpoint.paths import check_disjoint
 from .errors import MxptqError
 from .formats import FORMATS, get_format
-from .pipeline import CalibData, RunOptions, partial_dir, resolve_device, run
+from .outdir import OutputLock, lock_path, old_dir, partial_dir
+from .pipeline import CalibData, RunOptions, resolve_device, run, start
 from .plan import Plan, build_plan
 from .recipes import load_recipe, merge
 from .scales import SELECTORS
-from .source import resolve_model
+from .source import resolve_model, side_files
 
 CALIB_KEYS = ("calib", "calib-samples", "calib-seqlen", "seed", "importance", "algo",
               "gptq-scales", "damp", "act-order", "scheme")
@@ -56,6 +61,7 @@ def resolve_options(cli: dict, recipe: Path | None) -> dict:
     except ValueError as e:
         raise MxptqError(f"--block-size: {e}") from e
     opts["fmt"] = fmt
+    check_ignore(opts["ignore"])
     opts["dialect"] = opts["dialect"] or default_dialect(fmt)
     get_dialect(opts["dialect"]).check(fmt)
     try:
@@ -66,6 +72,18 @@ def resolve_options(cli: dict, recipe: Path | None) -> dict:
         raise MxptqError(f"--scale {opts['scale']} with --format {fmt.name}: {e}") from e
     check_calibration(opts)
     return opts
+
+
+def check_ignore(patterns) -> None:
+    """--ignore patterns: strings, and `re:` ones valid regular expressions."""
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise MxptqError(f"--ignore: expected a list of patterns, got {patterns!r}")
+    for p in patterns:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise MxptqError(f"--ignore {p!r}: not a regular expression ({e})") from e
 
 
 def check_calibration(opts: dict) -> None:
@@ -126,20 +144,31 @@ def summary_table(report: dict, out: Path) -> Table:
     return t
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, stopped like Ctrl-C: the writer drops its unfinished shard, finished ones stay."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
 def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool, resume: bool,
                   as_json: bool) -> None:
     """Everything after argument parsing; raises MxptqError for the user's mistakes."""
     console = Console(stderr=as_json)
+    reset_events()
     opts = resolve_options(cli, recipe)
     out = Path(opts["out"]).expanduser().resolve()
     model_dir = resolve_model(str(opts["model"]))
-    if model_dir == out or model_dir in out.parents:
-        raise MxptqError(f"--out {out}: must not be the input folder or inside it")
+    check_disjoint(model_dir, [out, partial_dir(out), old_dir(out), lock_path(out)])
     plan = build_plan(
         model_dir, opts["fmt"], opts["scale"], get_dialect(opts["dialect"]),
         opts["ignore"], bool(opts["quantize-lm-head"]), opts["scheme"] == "w4a4",
     )
+    side = side_files(model_dir)
     console.print(plan_table(plan))
+    for note in side[1]:
+        console.print(f"note: {note}")
     if dry_run:
         if as_json:
             print(json.dumps({"plan": plan.summary()}, indent=2))
@@ -149,12 +178,31 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
     flags["model"] = str(opts["model"])
     if opts["calib"] and Path(opts["calib"]).is_file():  # --resume must see the same text
         flags["calib-sha256"] = _file_sha256(Path(opts["calib"]))
-    calib = None
-    if opts["calib"]:
-        calib = run_calibration(plan, opts)
-        for note in calib.summary["notes"]:
-            console.print(f"note: {note}")
-    ropts = RunOptions(out, opts["device"], overwrite, resume, flags, calib)
+    ropts = RunOptions(out, opts["device"], overwrite, resume, flags, None, side,
+                       lambda note: console.print(f"note: {note}"))
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
+    try:
+        with OutputLock(out):
+            begun = start(plan, ropts)
+            if opts["calib"] and not begun.nothing_left:
+                ropts.calib = run_calibration(plan, opts)
+                for note in ropts.calib.summary["notes"]:
+                    console.print(f"note: {note}")
+            report = _run(plan, ropts, begun, console, as_json)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+    if begun.prep.finished or "error" not in report:
+        return
+    console.print(summary_table(report, out))
+    if as_json:
+        print(json.dumps({"plan": plan.summary(), "out": str(out), "error": report["error"],
+                          "timings": report["timings"]}, indent=2))
+
+
+def _run(plan: Plan, ropts: RunOptions, begun, console: Console, as_json: bool) -> dict:
+    """The pipeline under a progress bar."""
     total = plan.summary()
     with Progress(
         TextColumn("[bold]quantize"), BarColumn(), TaskProgressColumn(),
@@ -169,18 +217,7 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
             seen[0] += n_tensors
             progress.update(task, advance=n_bytes, tensors=f"{seen[0]}/{total['tensors']} tensors")
 
-        try:
-            report = run(plan, ropts, on_progress)
-        except MxptqError:
-            raise
-        except KeyboardInterrupt as e:
-            raise MxptqError(
-                f"interrupted; finished shards are kept in {partial_dir(out)}: rerun with --resume"
-            ) from e
-    console.print(summary_table(report, out))
-    if as_json:
-        print(json.dumps({"plan": plan.summary(), "out": str(out), "error": report["error"],
-                          "timings": report["timings"]}, indent=2))
+        return run(plan, ropts, on_progress, begun)
 
 
 def _file_sha256(path: Path) -> str:
@@ -287,15 +324,23 @@ def fail(msg: str, code: int = 2) -> None:
 
 
 def guarded(fn, *args) -> None:
-    """One line per failure: MxptqError is the user's; anything else is ours (traceback with
-    MXPTQ_DEBUG=1)."""
+    """One line per failure: MxptqError is the user's (exit 2); Ctrl-C and SIGTERM stop with
+    one line (exit 130 / 143); anything else is ours (exit 1, traceback with MXPTQ_DEBUG=1)."""
+    out = args[0].get("out") if args and isinstance(args[0], dict) else None
+    part = partial_dir(Path(out).expanduser().resolve()) if out else None
     try:
         fn(*args)
     except MxptqError as e:
         fail(str(e))
+    except KeyboardInterrupt as e:
+        term = isinstance(e, _Terminated)
+        kept = (f"; finished shards are kept in {part}: rerun with --resume"
+                if part is not None and part.is_dir() else "")
+        fail(f"interrupted ({'SIGTERM' if term else 'Ctrl-C'}){kept}", 143 if term else 130)
     except Exception as e:
         if os.environ.get("MXPTQ_DEBUG"):
             raise
-        out = args[0].get("out") if args and isinstance(args[0], dict) else None
-        hint = f"; finished shards are kept for --resume next to {out}" if out else ""
-        fail(f"internal error: {type(e).__name__}: {e}{hint} (MXPTQ_DEBUG=1 shows a traceback)", 1)
+        kept = (f"; finished shards are kept in {part} for --resume"
+                if part is not None and part.is_dir() else "")
+        fail(f"internal error: {type(e).__name__}: {e}{kept} (MXPTQ_DEBUG=1 shows a traceback)",
+             1)

@@ -165,7 +165,11 @@ def test_config_names_another_format(ckpt):
     r = run(ckpt)
     _fails(r, "dtype F8_E4M3", "expected U8")
     _fails(r, "more problems (--json lists all)")
-    assert len(json.loads(run(ckpt, "--json").stdout)["problems"]) == 2 * 30
+    problems = json.loads(run(ckpt, "--json").stdout)["problems"]
+    config = [p for p in problems if p.startswith("quantization_config")]
+    assert any("group_size is 16, but mxfp4 needs 32" in p for p in config)
+    assert any("format 'nvfp4-pack-quantized' but group group_0 says" in p for p in config)
+    assert len(problems) - len(config) == 2 * 30
 
 
 def test_ue5m3_code_above_max(tmp_path):

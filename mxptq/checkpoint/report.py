@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 from pathlib import Path
 
+from .durable import write_atomic
+
 REPORT_NAME = "mxptq_report.json"
+
+
+def json_safe(x):
+    """`x` with every non-finite float as null, so the report stays strict JSON (no bare NaN or
+    Infinity, which json.dumps would write and other parsers refuse)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
 
 
 def versions(mxptq_version: str) -> dict:
@@ -45,9 +60,9 @@ def peak_memory() -> dict:
     return m
 
 
-def write_report(folder: Path, plan, flags, stats, state, seconds, device, version,
+def write_report(folder: Path, plan, flags, stats, shard_seconds, seconds, device, version,
                  calibration: dict | None = None) -> dict:
-    rel = sorted(s["rel_mse"] for s in stats)
+    rel = sorted(r for s in stats if (r := s["rel_mse"]) is not None and math.isfinite(r))
     report = {
         "versions": versions(version),
         "flags": flags,
@@ -59,7 +74,7 @@ def write_report(folder: Path, plan, flags, stats, state, seconds, device, versi
         "plan": plan.summary(),
         "kept": {it.name: it.reason for it in plan.items if it.action == "keep"},
         "error": {
-            "tensors": len(rel),
+            "tensors": len(stats),
             "rel_mse_mean": sum(rel) / len(rel) if rel else 0.0,
             "rel_mse_max": rel[-1] if rel else 0.0,
         },
@@ -68,8 +83,10 @@ def write_report(folder: Path, plan, flags, stats, state, seconds, device, versi
         "memory": peak_memory(),
         "timings": {
             "total_s": seconds,
-            "shards": {v["file"]: v["seconds"] for v in state["done"].values()},
+            "shards": shard_seconds,
         },
     }
-    (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    report = json_safe(report)
+    write_atomic(folder / REPORT_NAME,
+                 (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
     return report

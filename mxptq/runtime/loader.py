@@ -26,8 +26,8 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..checkpoint.dialects import Dialect, dialect_of_config
-from ..checkpoint.safetensors_io import read_header
 from ..errors import MxptqError
+from ..validate import check_config, check_files, check_loaded, folder_problems, refuse
 
 METHOD = "mxptq"
 
@@ -75,18 +75,6 @@ def _conversions(dialect: Dialect) -> list:
     ]
 
 
-def quantized_modules(files: list[str | Path], marker: str) -> set[str]:
-    """Module names that hold packed tensors (`P.<marker>`, see Dialect.marker), from the
-    safetensors headers (no data read)."""
-    suffix = f".{marker}"
-    return {
-        name[: -len(suffix)]
-        for f in files
-        for name in read_header(Path(f))
-        if name.endswith(suffix)
-    }
-
-
 class PackedHfQuantizer(HfQuantizer):
     """Swaps the Linear layers the checkpoint quantized for PackedLinear before loading and maps
     the dialect's tensor names onto PackedLinear's buffers; layers stored dense stay nn.Linear."""
@@ -96,9 +84,9 @@ class PackedHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         from .linear import PackedLinear  # imports Triton: only once a model is loaded
 
-        dialect = self.quantization_config.dialect()
-        fmt = dialect.format_from_config(self.quantization_config.checkpoint)
-        packed = quantized_modules(checkpoint_files or [], dialect.marker)
+        # mxptq.validate: config, containment of the files, headers, every quantized layer
+        fmt, packed = check_files(self.quantization_config.checkpoint, checkpoint_files or [],
+                                  getattr(getattr(model, "config", None), "name_or_path", None))
         prefix = model.base_model_prefix
         swapped = 0
         for name, lin in list(model.named_modules()):
@@ -117,6 +105,16 @@ class PackedHfQuantizer(HfQuantizer):
                 f"none of the checkpoint's {len(packed)} quantized modules is an nn.Linear of "
                 f"{type(model).__name__}; mxptq cannot load them packed"
             )
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        """The loaded scales themselves (mxptq.validate): a NaN or negative scale byte, a zero,
+        negative or non-finite global scale, fused partners with different global scales."""
+        from .linear import PackedLinear
+
+        refuse(check_loaded({n: m.quantized() for n, m in model.named_modules()
+                             if isinstance(m, PackedLinear)}),
+               getattr(getattr(model, "config", None), "name_or_path", "the checkpoint"))
         return model
 
     def get_weight_conversions(self) -> list:
@@ -149,14 +147,17 @@ def packed_config(path: str | Path) -> PretrainedConfig:
     checkpoint packed instead of through transformers' dense decompression."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise MxptqError(f"{path}: cannot read its config.json ({e})") from e
     qc = getattr(config, "quantization_config", None)
     if not qc:
         raise MxptqError(f"{path}: config.json has no quantization_config")
     qc = dict(qc) if not isinstance(qc, dict) else qc
     if qc.get("quant_method") != METHOD or "checkpoint" not in qc:
         qc = {"quant_method": METHOD, "checkpoint": qc}
-    PackedConfig(**qc).dialect()  # raise now for a dialect mxptq does not read
+    refuse(check_config(qc["checkpoint"])[2], path)  # raises for a dialect mxptq does not read
     config.quantization_config = qc
     return config
 
@@ -175,7 +176,17 @@ def load(
     from transformers import AutoModel, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    if Path(path).is_dir():  # index, containment, headers, layers: before transformers reads
+        refuse(folder_problems(Path(path)), path)
     config = packed_config(path)
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     auto = AutoModelForCausalLM if set(config.architectures or ()) & causal else AutoModel
-    return auto.from_pretrained(path, config=config, dtype=dtype, device_map=device, **kwargs)
+    want_info = kwargs.pop("output_loading_info", False)
+    model, info = auto.from_pretrained(path, config=config, dtype=dtype, device_map=device,
+                                       output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys") or []) + sorted(
+        str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or [])
+    if missing:  # transformers would leave them randomly initialised
+        raise MxptqError(f"{path}: {len(missing)} weights the model needs are missing from the "
+                         f"checkpoint or do not fit it (e.g. {missing[0]}); it is incomplete")
+    return (model, info) if want_info else model
