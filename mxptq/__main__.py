@@ -1,16 +1,23 @@
-"""`python -m mxptq` and the `mxptq` console script. The command line's modules import torch and
-transformers, seconds of start-up; a Ctrl-C in that time (or anywhere the commands do not catch
-it themselves) ends with one line and exit 130, not a KeyboardInterrupt traceback."""
+"""`python -m mxptq` and the `mxptq` console script: a Ctrl-C at any moment, even while torch and
+transformers import, ends with one line and exit 130, not a traceback (mxptq.interrupts)."""
 
 import sys
 
+from .interrupts import RECEIVED, start_up
+
 
 def main() -> None:
+    start_up()
     try:
         from .cli import app
 
         app()
     except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
+    except Exception:
+        if not RECEIVED:
+            raise
         print("error: interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(130)
 

@@ -8,3 +8,4 @@ class MxptqError(Exception):
 class ResumableError(MxptqError):
     """The run stopped for a cause outside its input (a full disk, an unreadable file, a
     signal): the finished shards are kept and `--resume` continues once the cause is fixed."""
+

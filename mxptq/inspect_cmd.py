@@ -16,6 +16,7 @@ from rich.table import Table
 from .errors import MxptqError
 from .formats import Format
 from .inspect import Inspection, inspect_checkpoint
+from .interrupts import RECEIVED
 
 _BAR = 40
 _MAX_ROWS = 24  # more distinct scale codes than this are shown per binade
@@ -148,6 +149,9 @@ def inspect_command(
         print("error: interrupted (Ctrl-C)", file=sys.stderr)
         raise typer.Exit(130) from None
     except Exception as e:
+        if RECEIVED:  # a Ctrl-C swallowed by a library resurfaced as this
+            print("error: interrupted (Ctrl-C)", file=sys.stderr)
+            raise typer.Exit(130) from None
         if os.environ.get("MXPTQ_DEBUG"):
             raise
         print(f"error: internal error: {type(e).__name__}: {e} (MXPTQ_DEBUG=1 shows a "

@@ -166,13 +166,16 @@ def _records(tmp: Path) -> list[dict]:
 
 
 def _start(tmp: Path, sig: str, overwrite: bool, n_shards: int) -> None:
+    """A fresh partial folder holding only the run's state (removed again if that fails)."""
     try:
         tmp.mkdir(parents=True, exist_ok=True)
         write_atomic(tmp / STATE_NAME, _sealed({
             "version": STATE_VERSION, "signature": sig, "overwrite": overwrite,
             "shards": n_shards, "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}))
     except OSError as e:
-        raise MxptqError(f"--out {tmp.parent}: cannot write there ({e.strerror or e})") from e
+        shutil.rmtree(tmp, ignore_errors=True)
+        out = tmp.parent / tmp.name[1:].removesuffix(".mxptq-partial")
+        raise MxptqError(f"--out {out}: cannot write there ({e.strerror or e})") from e
 
 
 def _clear(tmp: Path, keep: set[str]) -> None:

@@ -36,6 +36,7 @@ from .outdir import (
     save_record,
 )
 from .plan import Item, Plan
+from .skeleton import load_skeleton
 from .source import side_files
 from .tensor import QuantizedTensor, dequantize, quantize_tensor
 
@@ -107,6 +108,18 @@ def _backend(device: torch.device) -> str:
     except ImportError:
         return "torch"
     return "auto"
+
+
+def missing_linears(plan: Plan) -> list[str]:
+    """Linear layers of the model that the checkpoint holds no weight for (a tied lm_head
+    aside): quantizing it would write a checkpoint that loads them randomly initialised."""
+    try:
+        sk = load_skeleton(plan.model_dir)
+    except MxptqError:  # no model to compare with (the plan then stood on names alone)
+        return []
+    present = {sk.match_linear(it.name[: -len(".weight")]) for it in plan.items
+               if it.name.endswith(".weight")}
+    return sorted(sk.linears - present - sk.lm_head)
 
 
 def fingerprints(plan: Plan) -> dict[str, tuple[int, int, str]]:

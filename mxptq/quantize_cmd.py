@@ -24,13 +24,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from . import interrupts
 from .checkpoint.dialects import default_dialect, get_dialect
 from .checkpoint.durable import reset_events
 from .checkpoint.paths import check_disjoint
 from .errors import MxptqError
 from .formats import FORMATS, get_format
+from .interrupts import RECEIVED
 from .outdir import OutputLock, lock_path, old_dir, partial_dir
-from .pipeline import CalibData, RunOptions, resolve_device, run, start
+from .pipeline import CalibData, RunOptions, missing_linears, resolve_device, run, start
 from .plan import Plan, build_plan
 from .recipes import load_recipe, merge
 from .scales import SELECTORS
@@ -165,6 +167,10 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
         model_dir, opts["fmt"], opts["scale"], get_dialect(opts["dialect"]),
         opts["ignore"], bool(opts["quantize-lm-head"]), opts["scheme"] == "w4a4",
     )
+    missing = missing_linears(plan)
+    if missing:
+        raise MxptqError(f"{model_dir}: the model has {len(missing)} Linear layers the checkpoint "
+                         f"holds no weight for (e.g. {missing[0]}); it is incomplete")
     side = side_files(model_dir)
     console.print(plan_table(plan))
     for note in side[1]:
@@ -182,6 +188,7 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
                        lambda note: console.print(f"note: {note}"))
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
+    interrupts.writing()
     try:
         with OutputLock(out):
             begun = start(plan, ropts)
@@ -338,6 +345,8 @@ def guarded(fn, *args) -> None:
                 if part is not None and part.is_dir() else "")
         fail(f"interrupted ({'SIGTERM' if term else 'Ctrl-C'}){kept}", 143 if term else 130)
     except Exception as e:
+        if RECEIVED:  # a Ctrl-C swallowed by a library resurfaced as this
+            fail("interrupted (Ctrl-C)", 130)
         if os.environ.get("MXPTQ_DEBUG"):
             raise
         kept = (f"; finished shards are kept in {part} for --resume"

@@ -246,7 +246,9 @@ def _fused_presence(tensors: dict[str, TensorInfo], quantized: set[str]) -> list
         for m in mods:
             if m not in quantized:
                 out.append(f"fused partner {m} is dense while {q[0]} is quantized")
-        if fs not in _OPTIONAL_SETS:
+        # a lone member is no set: MLA without q LoRA has q_proj but no k_proj / v_proj (the
+        # loader checks partners against the model itself)
+        if fs not in _OPTIONAL_SETS and len(leaves) >= 2:
             for leaf in fs:
                 if leaf not in leaves:
                     out.append(f"fused partner {parent}.{leaf} of {q[0]} is missing")
@@ -416,3 +418,19 @@ def check_loaded(layers: dict[str, object]) -> list[str]:
             if (p := global_problem(f"{name}.global_scale", g)) is not None:
                 problems.append(p)
     return problems + fused_scale_problems(globals_)
+
+
+def partner_problems(linears: set[str], packed: set[str]) -> list[str]:
+    """With the model at hand (the loader): a Linear whose fused partner in the same model is
+    packed must be packed too; else the checkpoint lacks it and it would load randomly
+    initialised, or it is dense where engines expect one scheme for the set."""
+    out = []
+    for name in sorted(linears - packed):
+        parent, _, leaf = name.rpartition(".")
+        for fs in FUSED_SETS:
+            if leaf in fs:
+                q = [f"{parent}.{x}" for x in fs if f"{parent}.{x}" in packed]
+                if q:
+                    out.append(f"fused partner {name} of {q[0]} is not quantized in the "
+                               "checkpoint (missing or dense)")
+    return out

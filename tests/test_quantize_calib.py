@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from mxptq.calibration import CalibOptions, calibrate, load_calibration, quantize_layer
 from mxptq.checkpoint import read_checkpoint
+from mxptq.checkpoint.durable import KILL_ENV
 from mxptq.cli import app
 from mxptq.evaluate import perplexity
-from mxptq.pipeline import FAIL_AFTER_ENV
 from mxptq.scales import global_encode_scale
 from mxptq.tensor import dequantize
 
@@ -167,9 +167,9 @@ def test_w4a4_modelopt_input_scale(tmp_path, stats):
 
 def test_resume_refuses_other_calibration_flags(tmp_path, monkeypatch):
     out = tmp_path / "o"
-    monkeypatch.setenv(FAIL_AFTER_ENV, "1")
+    monkeypatch.setenv(KILL_ENV, "shard-recorded#1@raise")
     assert invoke(out, *CALIB, "--importance").exit_code != 0
-    monkeypatch.delenv(FAIL_AFTER_ENV)
+    monkeypatch.delenv(KILL_ENV)
     r = invoke(out, *CALIB, "--importance", "--seed", "3", "--resume")
     assert r.exit_code == 2 and "other flags" in r.stderr
 
@@ -180,9 +180,9 @@ def test_resume_refuses_changed_calibration_text(tmp_path, monkeypatch):
     text.write_text((TEXT / "validation_prefix.txt").read_text())
     args = ["--calib", text, "--calib-samples", "8", "--calib-seqlen", "64", "--importance"]
     out = tmp_path / "o"
-    monkeypatch.setenv(FAIL_AFTER_ENV, "1")
+    monkeypatch.setenv(KILL_ENV, "shard-recorded#1@raise")
     assert invoke(out, *args).exit_code != 0
-    monkeypatch.delenv(FAIL_AFTER_ENV)
+    monkeypatch.delenv(KILL_ENV)
     text.write_text(text.read_text()[::-1])
     r = invoke(out, *args, "--resume")
     assert r.exit_code == 2 and "other flags" in r.stderr

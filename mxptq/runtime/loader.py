@@ -27,7 +27,14 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..checkpoint.dialects import Dialect, dialect_of_config
 from ..errors import MxptqError
-from ..validate import check_config, check_files, check_loaded, folder_problems, refuse
+from ..validate import (
+    check_config,
+    check_files,
+    check_loaded,
+    folder_problems,
+    partner_problems,
+    refuse,
+)
 
 METHOD = "mxptq"
 
@@ -89,11 +96,15 @@ class PackedHfQuantizer(HfQuantizer):
                                   getattr(getattr(model, "config", None), "name_or_path", None))
         prefix = model.base_model_prefix
         swapped = 0
+        linears, swapped_names = set(), set()
         for name, lin in list(model.named_modules()):
             names = {name, f"{prefix}.{name}", re.sub(f"^{re.escape(prefix)}\\.", "", name)}
+            if isinstance(lin, nn.Linear):
+                linears.add(name)
             if not isinstance(lin, nn.Linear) or not names & packed:
                 continue
             swapped += 1
+            swapped_names.add(name)
             new = PackedLinear(
                 lin.in_features, lin.out_features, fmt, bias=lin.bias is not None,
                 dtype=lin.weight.dtype, device="meta",
@@ -105,6 +116,8 @@ class PackedHfQuantizer(HfQuantizer):
                 f"none of the checkpoint's {len(packed)} quantized modules is an nn.Linear of "
                 f"{type(model).__name__}; mxptq cannot load them packed"
             )
+        refuse(partner_problems(linears, swapped_names),
+               getattr(getattr(model, "config", None), "name_or_path", "the checkpoint"))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
