@@ -122,10 +122,13 @@ def quantize_cmd(
         None, "--recipe", help="YAML file whose keys are these flags (e.g. recipes/"
         "nvfp4-search.yaml); flags on the command line override it. (default: none)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a non-empty --out (swapped only once the new one is "
+        "complete); without --resume, also discard an interrupted run's partial output."),
     resume: bool = typer.Option(
         False, "--resume", help="Continue an interrupted run from its last finished shard "
-        "(same flags); the result is byte-identical to an uninterrupted run."),
+        "(same flags and input; finished shards are re-checked); the result is byte-identical "
+        "to an uninterrupted run."),
     as_json: bool = typer.Option(
         False, "--json", help="Print the plan and result as JSON on stdout (no progress bar)."),
 ) -> None:

@@ -165,8 +165,9 @@ def _records(tmp: Path) -> list[dict]:
     return out
 
 
-def _start(tmp: Path, sig: str, overwrite: bool, n_shards: int) -> None:
+def _start(out: Path, sig: str, overwrite: bool, n_shards: int) -> None:
     """A fresh partial folder holding only the run's state (removed again if that fails)."""
+    tmp = partial_dir(out)
     try:
         tmp.mkdir(parents=True, exist_ok=True)
         write_atomic(tmp / STATE_NAME, _sealed({
@@ -174,7 +175,6 @@ def _start(tmp: Path, sig: str, overwrite: bool, n_shards: int) -> None:
             "shards": n_shards, "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}))
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        out = tmp.parent / tmp.name[1:].removesuffix(".mxptq-partial")
         raise MxptqError(f"--out {out}: cannot write there ({e.strerror or e})") from e
 
 
@@ -198,7 +198,7 @@ def prepare_output(out: Path, overwrite: bool, resume: bool, sig: str,
         raise MxptqError(f"--out {out}: exists and is not a folder")
     tmp = partial_dir(out)
     if not tmp.exists() and old_dir(out).exists() and _signature_of(out) is not None:
-        shutil.rmtree(old_dir(out))  # an --overwrite that stopped after its swap: done but this
+        shutil.rmtree(old_dir(out))  # left by an --overwrite killed after its final rename
     if not resume:
         if tmp.exists():
             if not overwrite:
@@ -215,7 +215,7 @@ def prepare_output(out: Path, overwrite: bool, resume: bool, sig: str,
                 "--overwrite to redo it" if same else
                 f"--out {out}: folder is not empty (pass --overwrite to replace it)"
             )
-        _start(tmp, sig, overwrite, len(names))
+        _start(out, sig, overwrite, len(names))
         return Prepared(tmp)
     if not tmp.exists():
         found = _signature_of(out)
@@ -227,7 +227,7 @@ def prepare_output(out: Path, overwrite: bool, resume: bool, sig: str,
         if _non_empty(out) and not overwrite:
             raise MxptqError(f"--resume: no interrupted run for --out {out}, and the folder is "
                              "not empty (pass --overwrite to replace it)")
-        _start(tmp, sig, overwrite, len(names))
+        _start(out, sig, overwrite, len(names))
         return Prepared(tmp, notes=[f"no interrupted run for --out {out}: starting a new one"])
     try:
         state = _unseal(tmp / STATE_NAME) if (tmp / STATE_NAME).exists() else None
@@ -243,7 +243,8 @@ def prepare_output(out: Path, overwrite: bool, resume: bool, sig: str,
                                  "replace it)")
             return Prepared(tmp, complete=True)
         _clear(tmp, set())
-        _start(tmp, sig, overwrite, len(names))
+        shutil.rmtree(tmp / RECORDS, ignore_errors=True)
+        _start(out, sig, overwrite, len(names))
         return Prepared(tmp, notes=[f"{tmp} recorded no finished shard: starting over"])
     if state.get("version") != STATE_VERSION or state.get("signature") != sig:
         raise MxptqError(f"--resume: {tmp} holds a run with other flags or input; drop --resume "
@@ -251,10 +252,9 @@ def prepare_output(out: Path, overwrite: bool, resume: bool, sig: str,
     if _non_empty(out) and not (overwrite or state.get("overwrite")):
         raise MxptqError(f"--out {out}: folder is not empty (pass --overwrite to replace it)")
     prep = Prepared(tmp)
-    files = set(names.values())
     for rec in _records(tmp):
         shard = rec.get("shard")
-        if names.get(shard) != rec.get("file") or rec["file"] not in files:
+        if names.get(shard) != rec.get("file"):
             continue
         problem = verify_shard(tmp / rec["file"], rec)
         if problem:

@@ -184,8 +184,8 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
     flags["model"] = str(opts["model"])
     if opts["calib"] and Path(opts["calib"]).is_file():  # --resume must see the same text
         flags["calib-sha256"] = _file_sha256(Path(opts["calib"]))
-    ropts = RunOptions(out, opts["device"], overwrite, resume, flags, None, side,
-                       lambda note: console.print(f"note: {note}"))
+    ropts = RunOptions(out, opts["device"], overwrite, resume, flags, side=side,
+                       on_note=lambda note: console.print(f"note: {note}"))
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
     interrupts.writing()

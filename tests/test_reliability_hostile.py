@@ -279,6 +279,7 @@ INPUT_CASES = [
     ("header-unknown-dtype", _rewrite_header(_set_entry("dtype", "F31")), "unknown dtype"),
     ("truncated", _truncate, "the file has"),
     ("dense-nan", _dense_nan, "model.embed_tokens.weight (kept dense"),
+    ("linear-missing", _drop(f"{K}.weight"), "holds no weight for (e.g. " + K),
 ]
 
 
