@@ -405,7 +405,7 @@ def finalize(plan, opts, tmp, names, state, seconds, device) -> dict:
     _copy_side_files(plan.model_dir, tmp)
     config = json.loads((plan.model_dir / "config.json").read_text())
     config["quantization_config"] = plan.dialect.config(
-        plan.fmt, plan.scale, plan.ignore, plan.w4a4
+        plan.fmt, plan.scale, plan.ignore, plan.w4a4, plan.targets
     )
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for fname, content in plan.dialect.extra_files(plan.fmt, plan.ignore, plan.w4a4).items():
