@@ -423,9 +423,6 @@ class Verdict:
     status: str  # LOADS, NOTE, FAILS or UNVERIFIED
     why: str = ""
 
-    def line(self) -> str:
-        return f"{self.status}: {self.why}" if self.why else self.status
-
 
 def verdicts(dialect: str, fmt: Format, qc: dict, layout: Layout, w4a4: bool) -> list[Verdict]:
     """Per engine: loads, loads with note, will not load (why) or unverified (why)."""
