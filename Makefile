@@ -12,9 +12,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-install: $(VENV)/.installed
+# Engine wheels the conformance tests parse our configs with (tests/engine_wheels.txt); a wheel
+# that cannot be fetched makes its test skip with the reason.
+ENGINE_WHEELS := .whl/engines
+$(ENGINE_WHEELS)/.fetched: tests/engine_wheels.txt | $(VENV)/.installed
+	mkdir -p $(ENGINE_WHEELS)
+	grep -o '^[^ #]\+' tests/engine_wheels.txt | while read -r req; do \
+	  $(PY) -m pip download -q --no-deps -d $(ENGINE_WHEELS) "$$req" || echo "not fetched: $$req"; \
+	done
+	touch $@
 
-test: $(VENV)/.installed
+install: $(VENV)/.installed $(ENGINE_WHEELS)/.fetched
+
+test: $(VENV)/.installed $(ENGINE_WHEELS)/.fetched
 	$(VENV)/bin/ruff check .
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q
 

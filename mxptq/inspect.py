@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .checkpoint import engines
+from .checkpoint.dialects import Dialect
 from .checkpoint.manifest import verify_folder
 from .checkpoint.report import REPORT_NAME
-from .checkpoint.safetensors_io import list_shards, read_header
+from .checkpoint.safetensors_io import TensorInfo, list_shards, read_header
 from .errors import MxptqError
 from .formats import Format
 from .scales import absmax_code
@@ -33,6 +35,7 @@ from .validate import (
 )
 
 _FLOAT_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_FLOAT_NAMES = ("F32", "BF16", "F16")
 
 
 @dataclass
@@ -48,6 +51,9 @@ class Inspection:
     kept: dict[str, str] = field(default_factory=dict)  # dense Linear -> reason
     offsets: Counter | None = None
     problems: list[str] = field(default_factory=list)
+    engines: list[engines.Verdict] = field(default_factory=list)  # per serving engine
+    layout: engines.Layout | None = None  # what the engines see (module names)
+    warnings: list[str] = field(default_factory=list)  # not a defect, but worth knowing
 
     @property
     def packed_bytes(self) -> int:
@@ -94,6 +100,8 @@ class Inspection:
             "scale_code_histogram": {str(c): n for c, n in sorted(self.histogram.items())},
             "offset_histogram": None if self.offsets is None
             else {str(o): n for o, n in sorted(self.offsets.items())},
+            "engines": {v.engine: {"status": v.status, "why": v.why} for v in self.engines},
+            "warnings": self.warnings,
         }
         if layers:
             out["layers"] = [
@@ -168,6 +176,32 @@ def _offsets(original: Path, layers: list[Layer], q: dict, ins: Inspection) -> N
         ins.offsets.update(Counter(off.flatten().tolist()))
 
 
+def _layout(tensors: dict[str, TensorInfo], packed: set[str], dialect: Dialect,
+            config: dict) -> engines.Layout:
+    """The checkpoint as the engines see it (checkpoint/engines.py), from tensor names."""
+    lay = engines.Layout(packed=set(packed), model_type=config.get("model_type") or "")
+    inputs = {"input_global_scale", "input_scale"}
+    for t, info in tensors.items():
+        mod, _, leaf = t.rpartition(".")
+        if leaf in inputs and mod in packed:
+            lay.input_scaled.add(mod)
+        elif info.dtype in _FLOAT_NAMES and len(info.shape) == 3 and mod.endswith(".experts"):
+            lay.fused_experts.add(mod)
+        elif leaf == "weight" and mod not in packed and len(info.shape) == 2 \
+                and info.dtype in _FLOAT_NAMES:
+            lay.dense.add(mod)
+    lay.lm_head = {m for m in lay.packed | lay.dense if engines.is_lm_head(m)}
+    return lay
+
+
+def _w4a4(dialect: Dialect, qc: dict) -> bool:
+    """Whether the config declares static activation scales (W4A4)."""
+    if dialect.name == "modelopt":
+        return str(qc.get("quant_algo", "")).upper() == "NVFP4"
+    groups = (qc.get("config_groups") or {}).values()
+    return any(g.get("input_activations") for g in groups)
+
+
 def inspect_checkpoint(folder: str | Path, original: str | Path | None = None,
                        verify: bool = False) -> Inspection:
     """Summarize and check `folder`; `original` (the unquantized model) enables offsets;
@@ -193,6 +227,14 @@ def inspect_checkpoint(folder: str | Path, original: str | Path | None = None,
     _read_values(folder, tensors, layers, fmt, dialect, ins)
     ins.problems.extend(dense_nan_problems(folder, tensors, packed))
     _original(folder, tensors, ins, config)
+    ins.layout = layout = _layout(tensors, set(mods), dialect, config)
+    ins.engines = engines.verdicts(dialect.name, fmt, qc, layout, _w4a4(dialect, qc))
+    if dialect.name in ("modelopt", "native"):
+        ins.warnings.append(
+            f"transformers loads this {dialect.name} checkpoint only with mxptq imported "
+            "(mxptq.load, or `import mxptq` before from_pretrained); without it, it refuses "
+            + ("the config (no quant_method)" if dialect.name == "native" else
+               "with a size-mismatch RuntimeError (transformers has no ModelOpt loader)"))
     report = folder / REPORT_NAME
     try:
         rep = json.loads(report.read_text()) if report.is_file() else {}

@@ -21,6 +21,8 @@ from .interrupts import RECEIVED
 _BAR = 40
 _MAX_ROWS = 24  # more distinct scale codes than this are shown per binade
 _MAX_PROBLEMS = 20
+_ENGINE_NAMES = {"vllm": "vLLM", "sglang": "SGLang", "tensorrt-llm": "TensorRT-LLM",
+                 "transformers": "transformers"}
 
 
 def _size(n: int | None) -> str:
@@ -79,9 +81,20 @@ def _summary(ins: Inspection) -> Table:
         ("total", _size(total)),
         ("original", f"{_size(ins.original_bytes)} ({ins.original_dtype or 'dtype unknown'})"),
         ("compression", f"{ins.ratio:.2f}x" if ins.ratio else "?"),
+        ("engines", "; ".join(f"{_ENGINE_NAMES[v.engine]} {v.status}" for v in ins.engines)
+         + " (--engines says why)"),
     ]
     for k, v in rows:
         t.add_row(k, v)
+    return t
+
+
+def _engines(ins: Inspection) -> Table:
+    t = Table(title="serving engines (rules read from their source: docs/checkpoints.md)")
+    for c in ("engine", "verdict", "why"):
+        t.add_column(c, overflow="fold")
+    for v in ins.engines:
+        t.add_row(_ENGINE_NAMES[v.engine], v.status, v.why or "-")
     return t
 
 
@@ -110,10 +123,13 @@ def _layers(ins: Inspection) -> Table:
     return t
 
 
-def print_inspection(ins: Inspection, layers: bool, console: Console) -> None:
+def print_inspection(ins: Inspection, layers: bool, console: Console,
+                     engines: bool = False) -> None:
     if ins.fmt is None:
         return
     console.print(_summary(ins))
+    if engines:
+        console.print(_engines(ins))
     if ins.kept:
         console.print(_kept(ins))
     if layers:
@@ -138,6 +154,9 @@ def inspect_command(
         False, "--verify", help="Also re-read every byte against the SHA-256 manifest written "
         "with the checkpoint and name the first tensor of each file that differs. (default: "
         "off; headers, scales and dense tensors are always checked)"),
+    engines: bool = typer.Option(
+        False, "--engines", help="Also show, per serving engine (vLLM, SGLang, TensorRT-LLM, "
+        "transformers), whether it loads this checkpoint and why not."),
 ) -> None:
     """Summarize a quantized checkpoint and check its integrity (non-zero exit on a problem)."""
     try:
@@ -160,7 +179,9 @@ def inspect_command(
     if as_json:
         print(json.dumps(ins.to_json(layers), indent=2))
     else:
-        print_inspection(ins, layers, Console())
+        print_inspection(ins, layers, Console(), engines)
+    for w in ins.warnings:
+        print(f"warning: {w}", file=sys.stderr)
     for p in ins.problems[:_MAX_PROBLEMS]:
         print(f"error: {p}", file=sys.stderr)
     if len(ins.problems) > _MAX_PROBLEMS:

@@ -504,7 +504,7 @@ def finalize(plan, opts, tmp, names, records, seconds, device, side, sig) -> dic
         copy_atomic(src, tmp / rel)
     config = json.loads((plan.model_dir / "config.json").read_text())
     config["quantization_config"] = plan.dialect.config(
-        plan.fmt, plan.scale, plan.ignore, plan.w4a4
+        plan.fmt, plan.scale, plan.ignore, plan.w4a4, plan.targets
     )
     write_atomic(tmp / "config.json",
                  (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())

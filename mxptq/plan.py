@@ -4,11 +4,13 @@ global scale with which fused partners), keep (and why), or refuse the whole run
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .checkpoint import engines
 from .checkpoint.dialects import Dialect
 from .checkpoint.safetensors_io import TensorInfo, list_shards, read_header
 from .errors import MxptqError
@@ -24,7 +26,6 @@ FUSED_SETS = (
     ("q_a_proj", "kv_a_proj_with_mqa"),
     ("query", "key", "value"),
 )
-_EXPERT_2D = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)$")
 FLOAT_DTYPES = ("F32", "BF16", "F16")
 
 
@@ -55,9 +56,11 @@ class Plan:
     fmt: Format
     scale: str
     dialect: Dialect
-    ignore: list[str]  # Linear modules left dense, as written into the config
+    ignore: list[str]  # modules left dense, by the names engines look up (engines.ignore_list)
     groups: dict[str, list[str]]  # group -> input tensor names
     w4a4: bool = False  # also write each quantized Linear's static activation global scale
+    targets: list[str] = field(default_factory=lambda: ["Linear"])  # compressed-tensors targets
+    layout: engines.Layout = field(default_factory=engines.Layout)  # what the output holds
 
     def by_shard(self) -> dict[str, list[Item]]:
         out: dict[str, list[Item]] = defaultdict(list)
@@ -168,8 +171,15 @@ def _expert3d_item(info, layout, fmt, ignore) -> Item:
     return Item(info, "quantize", "fused experts", mods, layout=layout)
 
 
-def classify(info: TensorInfo, sk: Skeleton, fmt, ignore, quantize_lm_head) -> Item:
-    """The decision for one tensor, from its name, shape and the skeleton."""
+def classify(info: TensorInfo, sk: Skeleton, fmt, ignore, quantize_lm_head,
+             containers: set[str] = frozenset()) -> Item:
+    """The decision for one tensor, from its name, shape and the skeleton. `containers`: the
+    checkpoint's MoE expert containers, whose routers stay dense."""
+    if info.name.endswith(".weight") and engines.is_router(info.name[:-7], containers):
+        # vLLM builds some routers with the quantization config (models/qwen3_moe.py), most
+        # without (models/mixtral.py, deepseek_v2.py, qwen2_moe.py shared_expert_gate):
+        # dense and listed in ignore loads everywhere (ModelOpt's exporter does the same).
+        return Item(info, "keep", "MoE router (engines build routers dense)")
     if not info.name.endswith(".weight"):
         if len(info.shape) == 3:
             key = sk.match_expert_param(info.name)
@@ -180,11 +190,42 @@ def classify(info: TensorInfo, sk: Skeleton, fmt, ignore, quantize_lm_head) -> I
     if len(info.shape) != 2:
         return Item(info, "keep", "not a Linear weight")
     sk_name = sk.match_linear(module)
-    if sk_name is None and sk.expert_modules and _EXPERT_2D.match(module):
+    if sk_name is None and sk.expert_modules and engines.expert_of(module):
         sk_name = ""  # a per-expert projection of a fused-experts model (checkpoint naming)
     if sk_name is None:
         return Item(info, "keep", "not a Linear weight")
     return _linear_item(info, module, sk_name, sk, fmt, ignore, quantize_lm_head)
+
+
+def _container(it: Item, sk: Skeleton) -> str | None:
+    """The MoE expert container an expert projection (2-D per expert, or fused 3-D) belongs to."""
+    if it.layout is not None or (len(it.info.shape) == 3
+                                 and sk.match_expert_param(it.name) is not None):
+        return it.name.rpartition(".")[0]
+    if it.name.endswith(".weight") and len(it.info.shape) == 2:
+        e = engines.expert_of(it.name[: -len(".weight")])
+        return e[0] if e else None
+    return None
+
+
+def _settle_experts(items: list[Item], sk: Skeleton) -> None:
+    """All experts of a MoE layer are quantized or none: vLLM and SGLang choose one scheme per
+    MoE layer from expert 0 (compressed_tensors_moe.py::get_moe_method: "All MoE projections
+    need to have same quantization scheme"), ModelOpt consumers and TensorRT-LLM by the layer's
+    name, so a partly dense layer loads nowhere. One kept projection keeps the layer dense."""
+    members: dict[str, list[Item]] = defaultdict(list)
+    for it in items:
+        if (c := _container(it, sk)) is not None:
+            members[c].append(it)
+    for c, its in members.items():
+        kept = [it for it in its if it.action == "keep"]
+        if not kept or len(kept) == len(its):
+            continue
+        why = (f"MoE layer {c} kept dense: {kept[0].name} {kept[0].reason} (engines need one "
+               "scheme for all experts of a layer)")
+        for it in its:
+            if it.action == "quantize":
+                it.action, it.reason, it.group = "keep", why, None
 
 
 def _settle_groups(items: list[Item]) -> dict[str, list[str]]:
@@ -226,26 +267,52 @@ def build_plan(
     shards = list_shards(model_dir)
     infos = read_tensors(shards)
     sk = load_skeleton(model_dir)
-    items = [classify(i, sk, fmt, ignore, quantize_lm_head) for i in infos]
+    containers = _containers(infos, sk)
+    items = [classify(i, sk, fmt, ignore, quantize_lm_head, containers) for i in infos]
+    _settle_experts(items, sk)
     groups = _settle_groups(items)
-    kept_linear = _dense_linears(items, sk)
     if not any(it.action == "quantize" for it in items):
         raise MxptqError(f"{model_dir}: no Linear weight can be quantized with {fmt.name}")
-    return Plan(model_dir, shards, items, fmt, scale, dialect, kept_linear, groups, w4a4)
+    layout, absent = _layout(model_dir, items, sk, w4a4)
+    return Plan(model_dir, shards, items, fmt, scale, dialect,
+                engines.ignore_list(layout, absent), groups, w4a4,
+                engines.targets(layout), layout)
 
 
-def _dense_linears(items: list[Item], sk: Skeleton) -> list[str]:
-    """Linear modules that stay dense: every skeleton Linear no quantized tensor covers (kept
-    ones, a tied lm_head absent from the checkpoint) plus kept per-expert projections. Loaders
-    that target all Linear layers must be told to skip exactly these."""
-    covered, dense = set(), set()
+def _containers(infos: list[TensorInfo], sk: Skeleton) -> set[str]:
+    out = set()
+    for info in infos:
+        if len(info.shape) == 3 and sk.match_expert_param(info.name) is not None:
+            out.add(info.name.rpartition(".")[0])
+        elif info.name.endswith(".weight") and (e := engines.expert_of(info.name[:-7])):
+            out.add(e[0])
+    return out
+
+
+def _layout(model_dir: Path, items: list[Item], sk: Skeleton,
+            w4a4: bool) -> tuple[engines.Layout, set[str]]:
+    """The output as engines see it, and the skeleton Linears the checkpoint does not hold (a
+    tied lm_head), which `ignore` must still name."""
+    try:
+        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type", "")
+    except (OSError, ValueError):
+        model_type = ""
+    lay = engines.Layout(model_type=model_type)
+    seen = set()
     for it in items:
+        if it.action == "quantize":
+            lay.packed.update(it.modules)
+        elif len(it.info.shape) == 3 and _container(it, sk) and it.info.dtype in FLOAT_DTYPES:
+            lay.fused_experts.add(it.name.rpartition(".")[0])
         if not it.name.endswith(".weight") or len(it.info.shape) != 2:
             continue
         module = it.name[: -len(".weight")]
         sk_name = sk.match_linear(module)
-        if it.action == "quantize":
-            covered.add(sk_name or module)
-        elif sk_name is None and sk.expert_modules and _EXPERT_2D.match(module):
-            dense.add(module)
-    return sorted((sk.linears - covered) | dense)
+        seen.add(sk_name or module)
+        if sk_name in sk.lm_head:
+            lay.lm_head.add(module)
+        if it.action == "keep":
+            lay.dense.add(module)
+    if w4a4:
+        lay.input_scaled = set(lay.packed)
+    return lay, sk.linears - seen

@@ -125,7 +125,7 @@ def plan_table(plan: Plan) -> Table:
     t.add_row("bytes out (estimate)", _gib(s["bytes_out"]))
     if s["ignore"]:
         shown = ", ".join(s["ignore"][:6]) + (" ..." if len(s["ignore"]) > 6 else "")
-        t.add_row("dense Linear layers", f"{len(s['ignore'])}: {shown}")
+        t.add_row("named in ignore (dense)", f"{len(s['ignore'])}: {shown}")
     return t
 
 

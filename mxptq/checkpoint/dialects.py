@@ -14,6 +14,7 @@ from ..formats import E4M3, E8M0, Format, get_format
 from ..tensor import QuantizedTensor
 
 DIALECTS = ("compressed-tensors", "modelopt", "native")
+NATIVE_MARKER = "mxptq_dialect"  # the key that marks a native quantization_config
 
 
 class Dialect:
@@ -57,7 +58,10 @@ class Dialect:
     def read(self, module: str, get: Callable[[str], torch.Tensor], fmt: Format) -> QuantizedTensor:
         raise NotImplementedError
 
-    def config(self, fmt: Format, scale: str, ignore: list[str], w4a4: bool = False) -> dict:
+    def config(self, fmt: Format, scale: str, ignore: list[str], w4a4: bool = False,
+               targets: list[str] | None = None) -> dict:
+        """config.json's quantization_config. `ignore` and `targets` come from the plan (the
+        engines' rules, checkpoint/engines.py); targets default to every Linear."""
         raise NotImplementedError
 
     def extra_files(self, fmt: Format, ignore: list[str], w4a4: bool = False) -> dict[str, dict]:
@@ -138,7 +142,7 @@ class CompressedTensors(Dialect):
     def _ct_format(fmt: Format) -> str:
         return "nvfp4-pack-quantized" if fmt.has_global else "mxfp4-pack-quantized"
 
-    def config(self, fmt, scale, ignore, w4a4=False):
+    def config(self, fmt, scale, ignore, w4a4=False, targets=None):
         nv = fmt.has_global
         weights = {
             "actorder": None,
@@ -148,12 +152,17 @@ class CompressedTensors(Dialect):
             "num_bits": 4,
             "observer": "memoryless_minmax",
             "observer_kwargs": {},
-            "scale_dtype": "torch.float8_e4m3fn" if nv else "torch.uint8",
             "strategy": "tensor_group" if nv else "group",
             "symmetric": True,
             "type": "float",
-            "zp_dtype": None,
         }
+        if not nv:
+            # MXFP4 needs compressed-tensors >= 0.13 anyway (the format is new there), which
+            # knows scale_dtype. NVFP4 leaves it out: 0.11-0.12 (pinned by vLLM 0.11-0.13)
+            # forbid unknown fields, and every reader defaults NVFP4 scales to E4M3
+            # (compressors/nvfp4/base.py: `scale_dtype or torch.float8_e4m3fn`; vLLM's NVFP4
+            # schemes hard-code float8_e4m3fn).
+            weights.update(scale_dtype="torch.uint8", zp_dtype=None)
         acts = None
         if w4a4:  # the NVFP4 preset (formats.md §2.2): dynamic block scales, static global
             acts = dict(weights, dynamic="local", observer="static_minmax")
@@ -161,7 +170,7 @@ class CompressedTensors(Dialect):
             "format": self._ct_format(fmt),
             "input_activations": acts,
             "output_activations": None,
-            "targets": ["Linear"],
+            "targets": list(targets or ["Linear"]),
             "weights": weights,
         }
         return {
@@ -237,18 +246,21 @@ class ModelOpt(Dialect):
     def _algo(w4a4: bool) -> str:
         return "NVFP4" if w4a4 else "W4A16_NVFP4"
 
-    def config(self, fmt, scale, ignore, w4a4=False):
+    def config(self, fmt, scale, ignore, w4a4=False, targets=None):
+        """What ModelOpt's own export/convert_hf_config.py::convert_hf_quant_config_format makes
+        of our hf_quant_config.json, plus a top-level `group_size`, the only place TensorRT-LLM's
+        flat-config reader looks (quantization/modelopt_config.py::_read_flat). ModelOpt
+        consumers quantize every Linear and lm_head not in `ignore`, so `targets` stays."""
         w = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
-        acts = dict(w) if w4a4 else None
+        group = {"input_activations": dict(w)} if w4a4 else {}
+        group.update(weights=w, targets=["Linear"])
         return {
-            "config_groups": {
-                "group_0": {"input_activations": acts, "weights": w, "targets": ["Linear"]}
-            },
+            "config_groups": {"group_0": group},
             "ignore": ignore,
             "quant_algo": self._algo(w4a4),
-            "kv_cache_scheme": None,
             "producer": self._producer(),
             "quant_method": "modelopt",
+            "group_size": 16,
         }
 
     def extra_files(self, fmt, ignore, w4a4=False):
@@ -282,18 +294,24 @@ class Native(Dialect):
     def read(self, module, get, fmt):
         return CompressedTensors.read(self, module, get, fmt)
 
-    def config(self, fmt, scale, ignore, w4a4=False):
+    def config(self, fmt, scale, ignore, w4a4=False, targets=None):
+        """No `quant_method` on purpose: transformers then refuses the config outright
+        (quantizers/auto.py::AutoHfQuantizer.supports_quant_method raises "has no
+        `quant_method` attribute") instead of skipping an unknown method and initializing the
+        packed layers at random; vLLM stops on the missing key too. Importing mxptq teaches
+        transformers to route it to the packed loader (runtime/loader.py)."""
         return {
-            "quant_method": "mxptq",
-            "version": 1,
+            NATIVE_MARKER: "native",
+            "version": 2,
             "format": fmt.name,
             "scale_codec": fmt.scale.name,
             "block_size": fmt.block_size,
             "has_global": fmt.has_global,
             "mx_rule": fmt.mx_rule,
             "scale": scale,
-            "targets": ["Linear"],
+            "targets": list(targets or ["Linear"]),
             "ignore": ignore,
+            "load_with": "mxptq: `import mxptq` before from_pretrained, or mxptq.load(folder)",
         }
 
     def format_from_config(self, qc):
@@ -330,7 +348,15 @@ def default_dialect(fmt: Format) -> str:
         return "native"
 
 
+def is_native_config(qc) -> bool:
+    return isinstance(qc, dict) and qc.get(NATIVE_MARKER) == "native"
+
+
 def dialect_of_config(qc: dict) -> Dialect:
+    """The dialect of a quantization_config; native version 1 still carried quant_method
+    "mxptq"."""
+    if is_native_config(qc):
+        return Native()
     method = qc.get("quant_method")
     if method not in _BY_METHOD:
         raise MxptqError(f"quant_method {method!r} is not a dialect mxptq reads")

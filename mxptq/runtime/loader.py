@@ -1,8 +1,9 @@
 """Load mxptq checkpoints (native, compressed-tensors, ModelOpt) into PackedLinear layers through
 transformers' quantizer registration, so `from_pretrained` keeps FP4 weights packed.
 
-Importing this module registers `quant_method: "mxptq"` (the native dialect) and, when
-transformers has no loader of that name, `"modelopt"`. compressed-tensors checkpoints keep
+Importing this module registers `quant_method: "mxptq"` (the native dialect, whose config names
+no quant_method until this module supplies it) and, when transformers has no loader of that
+name, `"modelopt"`. compressed-tensors checkpoints keep
 transformers' own loader (it decompresses to dense) unless the caller opts in with
 `packed_config(dir)` or `load(dir)`, which rewrite the config to point at this loader.
 """
@@ -19,13 +20,14 @@ from transformers.core_model_loading import ConversionOps, WeightConverter, Weig
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
+    AutoHfQuantizer,
     register_quantization_config,
     register_quantizer,
 )
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..checkpoint.dialects import Dialect, dialect_of_config
+from ..checkpoint.dialects import Dialect, dialect_of_config, is_native_config
 from ..errors import MxptqError
 from ..validate import (
     check_config,
@@ -149,6 +151,26 @@ def _register() -> None:
     # transformers 5.23 has no "modelopt"; a later one with its own loader keeps it
     if "modelopt" not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config("modelopt")(PackedConfig)
+    _accept_native_configs()
+
+
+def _accept_native_configs() -> None:
+    """A native quantization_config has no quant_method so that transformers without mxptq
+    refuses it (checkpoint/dialects.py, Native.config). With mxptq imported, name the method
+    before transformers looks it up (quantizers/auto.py::get_hf_quantizer calls
+    AutoHfQuantizer.supports_quant_method on config.json's dict, then builds the config from
+    that same dict)."""
+    check = AutoHfQuantizer.supports_quant_method
+    if getattr(check, "_mxptq", False):
+        return
+
+    def supports_quant_method(quantization_config_dict):
+        if is_native_config(quantization_config_dict):
+            quantization_config_dict.setdefault("quant_method", METHOD)
+        return check(quantization_config_dict)
+
+    supports_quant_method._mxptq = True
+    AutoHfQuantizer.supports_quant_method = staticmethod(supports_quant_method)
 
 
 _register()
