@@ -1,8 +1,9 @@
-"""mxptq: offline FP4 (NVFP4 / MXFP4) quantization with searched block scales."""
+"""mxptq: offline FP4 (NVFP4 / MXFP4) quantization with searched block scales.
 
-from .formats import FORMATS, SCALE_CODECS, Format, get_format
-from .scales import SELECTORS
-from .tensor import QuantizedTensor, dequantize, quantize_tensor
+The public names are imported on first use, so that `import mxptq` (and so `mxptq --help`) does
+not import torch or transformers."""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
@@ -10,24 +11,20 @@ from .runtime import hook as _hook  # noqa: E402
 
 _hook.install()  # from_pretrained finds the packed loader; transformers is not imported here
 
+_LAZY = {
+    "FORMATS": "formats", "SCALE_CODECS": "formats", "Format": "formats",
+    "get_format": "formats", "SELECTORS": "scales", "QuantizedTensor": "tensor",
+    "dequantize": "tensor", "quantize_tensor": "tensor", "PackedConfig": "runtime.loader",
+    "load": "runtime.loader",
+}
+
 
 def __getattr__(name: str):
-    """`load` and `PackedConfig` import the loader (and transformers) on first use."""
-    if name in ("PackedConfig", "load"):
-        from .runtime import loader
-
-        return getattr(loader, name)
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = [
-    "FORMATS",
-    "SCALE_CODECS",
-    "SELECTORS",
-    "Format",
-    "PackedConfig",
-    "QuantizedTensor",
-    "dequantize",
-    "get_format",
-    "load",
-    "quantize_tensor",
-]
+
+__all__ = sorted(_LAZY)
