@@ -53,8 +53,12 @@ def check_quantized(path: str) -> None:
     missing tensor, ...): scoring it would give NaN or fail deep inside a forward pass."""
     from .inspect import inspect_checkpoint
 
-    if not (Path(path) / "config.json").is_file():
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
         return  # load_causal_lm says what is wrong with it
+    if "quantization_config" not in config:
+        return  # a dense model (e.g. one changed by hand) is evaluated as it is
     try:
         problems = inspect_checkpoint(Path(path)).problems
     except MxptqError as e:

