@@ -22,10 +22,10 @@ install: $(VENV)/.installed
 # and are skipped, with the reason, where it is absent; `make test-fast` leaves out the `slow` ones.
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q
+	TRITON_INTERPRET=1 $(PY) -m pytest -q
 
 test-fast: $(VENV)/.installed
-	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -m "not slow"
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow"
 
 # Quantize a real pretrained model installed from PyPI (all-MiniLM-L6-v2, a test dependency) to
 # NVFP4 with searched scales, then show what was written and that transformers loads it.

@@ -21,6 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,  # help texts are plain: E[x²] and [a|b] print as written
+    context_settings={"max_content_width": 120},  # click's default stops at 80 columns
 )
 console = Console()
 
