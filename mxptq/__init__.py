@@ -13,22 +13,20 @@ from .runtime import hook as _hook  # noqa: E402
 
 _hook.install()  # from_pretrained finds the packed loader; transformers is not imported here
 
-_EXPORTS = {
-    "FORMATS": ".formats",
-    "SCALE_CODECS": ".formats",
-    "Format": ".formats",
-    "get_format": ".formats",
-    "SELECTORS": ".scales",
-    "QuantizedTensor": ".tensor",
-    "dequantize": ".tensor",
-    "quantize_tensor": ".tensor",
-    "PackedConfig": ".runtime.loader",
-    "load": ".runtime.loader",
+_LAZY = {
+    "FORMATS": "formats", "SCALE_CODECS": "formats", "Format": "formats",
+    "get_format": "formats", "SELECTORS": "scales", "QuantizedTensor": "tensor",
+    "dequantize": "tensor", "quantize_tensor": "tensor", "PackedConfig": "runtime.loader",
+    "load": "runtime.loader",
 }
-__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name], __name__), name)
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

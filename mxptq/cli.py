@@ -1,4 +1,7 @@
-"""The `mxptq` command line: thin wrappers that parse, call the library and print."""
+"""The `mxptq` command line: thin wrappers that parse, call the library and print.
+
+Nothing here imports torch or transformers at module level: `mxptq --help` and every
+command's `--help` start in well under a second; the work imports them when it runs."""
 
 from __future__ import annotations
 
@@ -6,20 +9,25 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from . import __version__
 from .eval_cmd import eval_command
-from .formats import FORMATS
 from .inspect_cmd import inspect_command
-from .scales import DEFAULT_GLOBAL_NORM, DEFAULT_WINDOW, SELECTORS
+from .names import BLOCK_SIZES, DIALECT_NAMES, FORMAT_NAMES, SELECTOR_NAMES
 
 app = typer.Typer(
-    help="Offline FP4 (NVFP4 / MXFP4) quantization of Hugging Face models.",
+    help="Offline FP4 (NVFP4 / MXFP4) quantization of Hugging Face models. "
+    "`mxptq COMMAND --help` shows each command's options with their defaults.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # help texts are plain: E[x²] and [a|b] print as written
+    context_settings={"max_content_width": 120},  # click's default stops at 80 columns
 )
 console = Console()
+
+
+def _choices(names) -> str:
+    return "[" + "|".join(map(str, names)) + "]"
 
 
 def _version(value: bool) -> None:
@@ -40,6 +48,11 @@ def main(
 @app.command("formats")
 def formats_cmd() -> None:
     """List the formats and scale selectors with their defaults."""
+    from rich.table import Table
+
+    from .formats import FORMATS
+    from .scales import DEFAULT_GLOBAL_NORM, DEFAULT_WINDOW, SELECTORS
+
     t = Table(title="formats")
     for col in ("format", "element", "scale", "block", "global scale", "bits/weight"):
         t.add_column(col)
@@ -67,61 +80,82 @@ def formats_cmd() -> None:
 @app.command("quantize")
 def quantize_cmd(
     model: str = typer.Option(
-        None, "--model", help="Hub id (org/name, needs the hub or its cache) or local folder "
-        "with config.json and *.safetensors. Required (here or in --recipe)."),
+        None, "--model", metavar="FOLDER|ORG/NAME", help="A local model folder (config.json and "
+        "*.safetensors) or a hub id; a hub id needs the network or a copy in the hub cache "
+        "(hf download ORG/NAME --local-dir DIR where the network is, then --model DIR). Required "
+        "(here or in --recipe)."),
     format: str = typer.Option(
-        None, "--format", help="nvfp4 | mxfp4 | nvfp4-ue5m3. (default: nvfp4)"),
+        None, "--format", metavar=_choices(FORMAT_NAMES), help="nvfp4: E4M3 scale per 16 "
+        "weights and an fp32 global scale (vLLM, TensorRT-LLM); nvfp4-ue5m3: unsigned E5M3 "
+        "scales, no global scale (research; native dialect); mxfp4: power-of-two E8M0 scale "
+        "per 32 weights (OCP MX). (default: nvfp4)"),
     scale: str = typer.Option(
-        None, "--scale", help="Block-scale selector: absmax | 4over6 | search | exhaustive. "
-        "(default: search)"),
+        None, "--scale", metavar=_choices(SELECTOR_NAMES), help="How each block's scale is "
+        "chosen. absmax: the block maximum maps to 6 (the usual rule); 4over6: the better of "
+        "mapping it to 6 or to 4; search: the lowest-error code in a window around absmax; "
+        "exhaustive: every code (slow). `mxptq formats` shows the windows. (default: search)"),
     out: Path = typer.Option(  # noqa: B008
-        None, "--out", help="Output folder; written as a hidden folder next to it and renamed "
-        "when complete. Required (here or in --recipe)."),
+        None, "--out", metavar="FOLDER", help="Output folder; written as a hidden folder next "
+        "to it and renamed when complete. Required (here or in --recipe)."),
     block_size: int = typer.Option(
-        None, "--block-size", help="Elements per block scale (4, 8, 16, 32, 64, 128). "
-        "(default: the format's, 16 for nvfp4*, 32 for mxfp4)"),
+        None, "--block-size", metavar=_choices(BLOCK_SIZES), help="Weights per block scale. "
+        "(default: the format's: 16 for nvfp4 and nvfp4-ue5m3, 32 for mxfp4)"),
     dialect: str = typer.Option(
-        None, "--dialect", help="compressed-tensors | modelopt | native. [default: "
-        "compressed-tensors when it can express the format (nvfp4 block 16, mxfp4 block 32), "
-        "else native]"),
+        None, "--dialect", metavar=_choices(DIALECT_NAMES), help="How the checkpoint is "
+        "written. compressed-tensors: what vLLM and transformers load (transformers needs pip "
+        "install compressed-tensors); modelopt: NVIDIA ModelOpt's layout with "
+        "hf_quant_config.json (vLLM's modelopt loader; nvfp4 block 16 only); native: mxptq's "
+        "own, for every format and block size (loaded by mxptq.load). "
+        "(default: compressed-tensors where it can express the format, i.e. nvfp4 block 16 "
+        "and mxfp4 block 32, else native)"),
     ignore: list[str] = typer.Option(  # noqa: B008
-        None, "--ignore", help="Keep matching Linear modules dense: a wildcard on the module "
-        "name (e.g. '*.mlp.down_proj') or 're:REGEX'. Repeatable. (default: none)"),
+        None, "--ignore", metavar="PATTERN", help="Keep matching Linear modules dense: a "
+        "wildcard on the module name (e.g. '*.mlp.down_proj') or 're:REGEX'. Repeatable. "
+        "(default: none)"),
     quantize_lm_head: bool = typer.Option(
-        None, "--quantize-lm-head/--keep-lm-head", help="Quantize lm_head too. (default: keep)"),
+        None, "--quantize-lm-head/--keep-lm-head", help="Quantize lm_head too. (default: keep "
+        "it dense)"),
     device: str = typer.Option(
-        None, "--device", help="auto | cuda | cpu. (default: auto = cuda when available)"),
+        None, "--device", metavar="[auto|cuda|cpu]", help="Where the quantization runs. "
+        "(default: auto = cuda when available)"),
     calib: str = typer.Option(
-        None, "--calib", help="Calibration text: a local .txt, .jsonl or .parquet (text "
-        "field/column) or a datasets name (online only). Needed by --importance, --algo gptq "
-        "and --scheme w4a4. (default: none, no calibration)"),
+        None, "--calib", metavar="TEXT", help="Calibration text: a local .txt, .jsonl or "
+        ".parquet (text field/column) or a datasets name (online only). Needed by "
+        "--importance, --algo gptq and --scheme w4a4. (default: none, no calibration)"),
     calib_samples: int = typer.Option(
-        None, "--calib-samples", help="Calibration windows. (default: 128)"),
+        None, "--calib-samples", metavar="N", help="Calibration windows. (default: 128)"),
     calib_seqlen: int = typer.Option(
-        None, "--calib-seqlen", help="Tokens per calibration window. (default: 2048)"),
+        None, "--calib-seqlen", metavar="TOKENS", help="Tokens per calibration window. "
+        "(default: 2048)"),
     seed: int = typer.Option(
-        None, "--seed", help="Seed of the window starts; same seed, same bytes. (default: 0)"),
+        None, "--seed", metavar="N", help="Seed of the window starts; same seed, same bytes. "
+        "(default: 0)"),
     importance: bool = typer.Option(
         None, "--importance/--no-importance", help="Selectors minimize the error weighted by "
         "E[x²] of each Linear's input channels. (default: off)"),
     algo: str = typer.Option(
-        None, "--algo", help="rtn | gptq: GPTQ error feedback through the layer Hessian. "
+        None, "--algo", metavar="[rtn|gptq]", help="rtn: round each weight to its nearest "
+        "code; gptq: GPTQ error feedback through the layer Hessian (needs --calib). "
         "(default: rtn)"),
     gptq_scales: str = typer.Option(
-        None, "--gptq-scales", help="lazy | static: GPTQ picks a group's scale when it reaches "
-        "it (lazy) or all up front from the original weights. (default: lazy)"),
+        None, "--gptq-scales", metavar="[lazy|static]", help="GPTQ picks a group's scale when "
+        "it reaches it (lazy) or all up front from the original weights (static). "
+        "(default: lazy)"),
     damp: float = typer.Option(
-        None, "--damp", help="GPTQ damping: damp x mean(diag H). (default: 0.01)"),
+        None, "--damp", metavar="X", help="GPTQ damping: damp x mean(diag H). (default: 0.01)"),
     act_order: bool = typer.Option(
         None, "--act-order/--no-act-order", help="GPTQ visits columns by decreasing diag H. "
         "(default: off)"),
     scheme: str = typer.Option(
-        None, "--scheme", help="w4a16 | w4a4: w4a4 also writes static activation global "
-        "scales (nvfp4 block 16, compressed-tensors or modelopt). (default: w4a16)"),
+        None, "--scheme", metavar="[w4a16|w4a4]", help="w4a16: FP4 weights, activations stay "
+        "16-bit; w4a4: also writes static activation global scales (nvfp4 block 16, "
+        "compressed-tensors or modelopt; needs --calib). (default: w4a16)"),
     recipe: Path = typer.Option(  # noqa: B008
-        None, "--recipe", help="YAML file whose keys are these flags (e.g. recipes/"
+        None, "--recipe", metavar="YAML", help="File whose keys are these flags (e.g. recipes/"
         "nvfp4-search.yaml); flags on the command line override it. (default: none)"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the plan (what is quantized, what is kept and why, "
+        "sizes) and stop; nothing is written."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace a non-empty --out (swapped only once the new one is "
         "complete); without --resume, also discard an interrupted run's partial output."),

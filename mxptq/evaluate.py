@@ -1,8 +1,11 @@
-"""Perplexity and KL divergence of causal LMs, by the method of the shared assets README.
+"""Perplexity and KL divergence of causal LMs.
 
-- "docs": the text is split on `<|endoftext|>`; each story is [BOS] + tok(story.strip())[:ctx-1].
+- "docs": the text is split on `<|endoftext|>`; each document is
+  [BOS] + tok(document.strip())[:ctx-1] (a longer document's tail is not scored).
 - "stream": the whole text is tokenized once (no special tokens) and cut into consecutive
   chunks of ctx-1 tokens, each with BOS prepended (chunks of one token are dropped).
+- "auto": docs when the text has a `<|endoftext|>` separator, else stream; so a plain corpus
+  such as WikiText's wiki.test.raw is scored whole, not as one cut document.
 PPL = exp(Σ next-token cross-entropy / number of predicted tokens). KL is the mean over the
 same predicted positions of KL(P_ref ‖ P_quant) of the next-token distributions.
 """
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 
 from .calibration.data import DOC_SEPARATOR, load_text
 
-MODES = ("docs", "stream")
+MODES = ("auto", "docs", "stream")
 
 
 @dataclass
@@ -32,26 +35,63 @@ class EvalResult:
         return asdict(self)
 
 
+@dataclass
+class Sequences:
+    """What `prepare` chose to score: the sequences, the mode it resolved, and the tokens of
+    documents longer than the context that docs mode leaves out."""
+
+    seqs: list[list[int]]
+    mode: str
+    cut_docs: int = 0
+    cut_tokens: int = 0
+
+
+def resolve_mode(text: str, mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown eval mode {mode!r} (one of {', '.join(MODES)})")
+    if mode == "auto":
+        return "docs" if DOC_SEPARATOR in text else "stream"
+    return mode
+
+
+def prepare(
+    tokenizer, text: str, mode: str = "auto", ctx: int = 512, max_sequences: int | None = None,
+) -> Sequences:
+    """The token sequences scored, each starting with BOS (see the module docstring)."""
+    if ctx < 2:
+        raise ValueError(f"ctx {ctx}: a sequence needs BOS and at least one token to predict")
+    if max_sequences is not None and max_sequences < 1:
+        raise ValueError(f"max_sequences {max_sequences}: must be at least 1")
+    mode = resolve_mode(text, mode)
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        raise ValueError("the tokenizer has no BOS token")
+    n = ctx - 1
+    out = Sequences([], mode)
+    if mode == "docs":
+        for d in (d.strip() for d in text.split(DOC_SEPARATOR)):
+            if not d:
+                continue
+            ids = tokenizer(d, add_special_tokens=False, verbose=False).input_ids
+            out.seqs.append([bos] + ids[:n])
+            if len(ids) > n:
+                out.cut_docs += 1
+                out.cut_tokens += len(ids) - n
+    else:
+        ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+        out.seqs = [[bos] + ids[i : i + n] for i in range(0, len(ids), n)
+                    if len(ids[i : i + n]) > 1]
+    out.seqs = [s for s in out.seqs if len(s) > 1][:max_sequences]
+    return out
+
+
 def sequences(
     tokenizer, text_or_path: str | Path, mode: str = "docs", ctx: int = 512,
     max_sequences: int | None = None,
 ) -> list[list[int]]:
     """The token sequences scored, each starting with BOS."""
-    if mode not in MODES:
-        raise ValueError(f"unknown eval mode {mode!r} (one of {', '.join(MODES)})")
     text = load_text(text_or_path) if _is_source(text_or_path) else str(text_or_path)
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        raise ValueError("the tokenizer has no BOS token")
-    n = ctx - 1
-    if mode == "docs":
-        docs = [d.strip() for d in text.split(DOC_SEPARATOR)]
-        seqs = [[bos] + tokenizer(d, add_special_tokens=False).input_ids[:n] for d in docs if d]
-    else:
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        seqs = [[bos] + ids[i : i + n] for i in range(0, len(ids), n) if len(ids[i : i + n]) > 1]
-    seqs = [s for s in seqs if len(s) > 1]
-    return seqs[:max_sequences] if max_sequences is not None else seqs
+    return prepare(tokenizer, text, mode, ctx, max_sequences).seqs
 
 
 def _is_source(x: str | Path) -> bool:

@@ -8,15 +8,18 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from .errors import MxptqError
-from .formats import Format
-from .inspect import Inspection, inspect_checkpoint
 from .interrupts import RECEIVED
+
+if TYPE_CHECKING:  # imported when run: `mxptq --help` needs neither (nor torch)
+    from .formats import Format
+    from .inspect import Inspection
 
 _BAR = 40
 _MAX_ROWS = 24  # more distinct scale codes than this are shown per binade
@@ -144,11 +147,12 @@ def print_inspection(ins: Inspection, layers: bool, console: Console,
 
 def inspect_command(
     folder: Path = typer.Argument(  # noqa: B008
-        ..., help="Checkpoint folder written by mxptq quantize (any dialect)."),
+        ..., metavar="FOLDER", help="Checkpoint folder written by mxptq quantize (any "
+        "dialect)."),
     layers: bool = typer.Option(False, "--layers", help="Also show every quantized layer."),
     original: Path = typer.Option(  # noqa: B008
-        None, "--original", help="The unquantized model folder: adds the histogram of "
-        "ScaleSearch offsets (chosen scale code - abs-max code). (default: none)"),
+        None, "--original", metavar="FOLDER", help="The unquantized model folder: adds the "
+        "histogram of ScaleSearch offsets (chosen scale code - abs-max code). (default: none)"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     verify: bool = typer.Option(
         False, "--verify", help="Also re-read every byte against the SHA-256 manifest written "
@@ -159,6 +163,8 @@ def inspect_command(
         "transformers), whether it loads this checkpoint and why not."),
 ) -> None:
     """Summarize a quantized checkpoint and check its integrity (non-zero exit on a problem)."""
+    from .inspect import inspect_checkpoint
+
     try:
         ins = inspect_checkpoint(folder, original, verify)
     except MxptqError as e:

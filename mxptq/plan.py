@@ -18,7 +18,8 @@ from .formats import Format
 from .skeleton import Skeleton, load_skeleton
 
 # Projections that serving stacks fuse and that must therefore share one global scale
-# (formats.md §2.6): attention q/k/v, MLP gate/up, Mixtral w1/w3, MLA, BERT query/key/value.
+# (llm-compressor observers/helpers.py FUSED_LAYER_NAMES): attention q/k/v, MLP gate/up,
+# Mixtral w1/w3, MLA, BERT query/key/value.
 FUSED_SETS = (
     ("q_proj", "k_proj", "v_proj"),
     ("gate_proj", "up_proj"),

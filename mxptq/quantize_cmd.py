@@ -133,7 +133,7 @@ def summary_table(report: dict, out: Path) -> Table:
     t = Table(title=f"wrote {out}")
     t.add_column("what")
     t.add_column("value", justify="right")
-    e = report["error"]
+    e = report["quantization_error"]
     t.add_row("quantized tensors", str(e["tensors"]))
     t.add_row("relative MSE mean / max", f"{e['rel_mse_mean']:.3e} / {e['rel_mse_max']:.3e}")
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
@@ -176,8 +176,10 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
     for note in side[1]:
         console.print(f"note: {note}")
     if dry_run:
+        console.print(f"dry run: nothing was written; without --dry-run this writes {out}")
         if as_json:
-            print(json.dumps({"plan": plan.summary()}, indent=2))
+            print(json.dumps({"dry_run": True, **_choices(plan, opts), "out": str(out),
+                              "plan": plan.summary()}, indent=2))
         return
     flags = {k: opts[k] for k in ("format", "scale", "block-size", "dialect", "ignore",
                                   "quantize-lm-head", "device", *CALIB_KEYS)}
@@ -200,11 +202,13 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
-    if begun.prep.finished or "error" not in report:
+    if begun.prep.finished or "quantization_error" not in report:
         return
     console.print(summary_table(report, out))
     if as_json:
-        print(json.dumps({"plan": plan.summary(), "out": str(out), "error": report["error"],
+        print(json.dumps({"dry_run": False, **_choices(plan, opts), "out": str(out),
+                          "plan": plan.summary(),
+                          "quantization_error": report["quantization_error"],
                           "timings": report["timings"]}, indent=2))
 
 
@@ -225,6 +229,13 @@ def _run(plan: Plan, ropts: RunOptions, begun, console: Console, as_json: bool) 
             progress.update(task, advance=n_bytes, tensors=f"{seen[0]}/{total['tensors']} tensors")
 
         return run(plan, ropts, on_progress, begun)
+
+
+def _choices(plan: Plan, opts: dict) -> dict:
+    """What was chosen, defaults resolved: the head of `--json` output (a dry run's too)."""
+    return {"model": str(plan.model_dir), "format": plan.fmt.name,
+            "block_size": plan.fmt.block_size, "scale": plan.scale,
+            "dialect": plan.dialect.name, "scheme": opts["scheme"], "algo": opts["algo"]}
 
 
 def _file_sha256(path: Path) -> str:

@@ -59,7 +59,8 @@ def resolve_model(model: str) -> Path:
         ):
             raise MxptqError(
                 f"--model {model}: not a local folder, and the hub is not reachable (offline) "
-                "and has no cached copy; pass a local model folder"
+                f"and has no cached copy; pass a local model folder (download it where the "
+                f"network is: hf download {model} --local-dir DIR, then --model DIR)"
             ) from e
         raise MxptqError(f"--model {model}: not found locally or on the hub ({why})") from e
 

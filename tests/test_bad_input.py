@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from quant_helpers import STORIES
+from quant_helpers import tiny_llama_dir
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -29,9 +29,9 @@ def digest(folder):
 
 @pytest.fixture
 def model(tmp_path):
-    """A writable copy of stories260K."""
+    """A writable copy of the tiny Llama."""
     dst = tmp_path / "model"
-    shutil.copytree(STORIES, dst, ignore=shutil.ignore_patterns("original"))
+    shutil.copytree(tiny_llama_dir(), dst)
     for p in dst.iterdir():
         p.chmod(0o644)
     return dst
@@ -94,7 +94,7 @@ def test_corrupt_header(tmp_path, model):
      (["--format", "mxfp4", "--scale", "4over6"], "4over6 needs a scale format")],
 )
 def test_unknown_or_inexpressible_options(tmp_path, args, needle):
-    code, err, _ = run("--model", STORIES, "--out", tmp_path / "o", *args)
+    code, err, _ = run("--model", tiny_llama_dir(), "--out", tmp_path / "o", *args)
     check_failed(code, err, tmp_path / "o", needle)
 
 
@@ -102,7 +102,7 @@ def test_non_empty_out_without_overwrite(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    code, err, _ = run("--model", STORIES, "--out", out)
+    code, err, _ = run("--model", tiny_llama_dir(), "--out", out)
     check_failed(code, err, out, "not empty", "--overwrite")
     assert (out / "mine.txt").read_text() == "keep me"
 
@@ -121,7 +121,7 @@ def test_unwritable_out(tmp_path):
             out = target / "o"
         except PermissionError:
             out = locked / "o"
-        code, err, _ = run("--model", STORIES, "--out", out)
+        code, err, _ = run("--model", tiny_llama_dir(), "--out", out)
         check_failed(code, err, out, "cannot write")
     finally:
         locked.chmod(0o700)
@@ -151,13 +151,13 @@ def test_out_inside_input_is_refused(tmp_path, model):
 def test_bad_recipe_key(tmp_path):
     r = tmp_path / "r.yaml"
     r.write_text("format: nvfp4\nwindow: 3\n")
-    code, err, _ = run("--model", STORIES, "--out", tmp_path / "o", "--recipe", r)
+    code, err, _ = run("--model", tiny_llama_dir(), "--out", tmp_path / "o", "--recipe", r)
     check_failed(code, err, tmp_path / "o", "unknown key 'window'")
 
 
 def test_json_plan_on_dry_run_writes_nothing(tmp_path):
     out = tmp_path / "o"
-    code, _, stdout = run("--model", STORIES, "--out", out, "--dry-run", "--json")
+    code, _, stdout = run("--model", tiny_llama_dir(), "--out", out, "--dry-run", "--json")
     assert code == 0
     assert json.loads(stdout)["plan"]["quantize"] == 30
     assert not out.exists() and list(tmp_path.iterdir()) == []

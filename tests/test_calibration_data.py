@@ -1,18 +1,17 @@
 """Calibration text to token windows: determinism and the file formats."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from real_assets import english_text, tiny_llama_dir
 from transformers import AutoTokenizer
 
 from mxptq.calibration import load_calibration
 from mxptq.errors import MxptqError
 
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
-MODEL = ASSETS / "models" / "stories260K"
-CALIB = ASSETS / "text" / "tinystories" / "validation_prefix.txt"
+MODEL = tiny_llama_dir()
+CALIB = english_text()
 
 
 @pytest.fixture(scope="module")

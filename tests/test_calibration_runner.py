@@ -1,17 +1,15 @@
 """Layer-by-layer calibration equals a plain full-model forward, handles MoE experts, and in
 sequential mode feeds each layer the outputs of the quantized layers before it."""
 
-from pathlib import Path
-
 import pytest
 import torch
+from real_assets import english_text, tiny_llama_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeConfig
 
 from mxptq.calibration import CalibOptions, calibrate, load_calibration, quantize_layer
 
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
-MODEL = ASSETS / "models" / "stories260K"
-CALIB = ASSETS / "text" / "tinystories" / "validation_prefix.txt"
+MODEL = tiny_llama_dir()
+CALIB = english_text()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,9 +1,9 @@
 """Checkpoints loaded by the real client: transformers + compressed-tensors must compute what
-our own `dequantize` of the same bytes computes (formats.md §13: CT decompresses to bf16)."""
+our own `dequantize` of the same bytes computes (compressed-tensors decompresses to bf16)."""
 
 import pytest
 import torch
-from quant_helpers import STORIES, dense_state, minilm_dir, quantize
+from quant_helpers import dense_state, minilm_dir, quantize, tiny_llama_dir
 from transformers import AutoModel, AutoModelForCausalLM
 
 BF16 = torch.bfloat16
@@ -23,18 +23,13 @@ def _assert_same_model(loaded, ref_dir, qdir, cls, inputs, out_attr):
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-def test_stories260k_loads_in_transformers(tmp_path, fmt):
+def test_tiny_llama_loads_in_transformers(tmp_path, fmt):
     out = tmp_path / "q"
-    quantize(STORIES, out, "--format", fmt, "--scale", "search")
+    quantize(tiny_llama_dir(), out, "--format", fmt, "--scale", "search")
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=BF16).eval()
     ids = torch.tensor([[1, 403, 407, 261, 378, 280, 400, 290]])
-    ref = _assert_same_model(loaded, STORIES, out, AutoModelForCausalLM,
-                             {"input_ids": ids}, "logits")
-    # and the quantized model is still the model: top-1 agrees with the original mostly
-    orig = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
-    with torch.no_grad():
-        agree = (orig(ids).logits.argmax(-1) == ref(ids).logits.argmax(-1)).float().mean()
-    assert agree >= 0.6
+    _assert_same_model(loaded, tiny_llama_dir(), out, AutoModelForCausalLM,
+                       {"input_ids": ids}, "logits")
 
 
 @pytest.mark.slow

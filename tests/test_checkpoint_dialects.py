@@ -1,4 +1,4 @@
-"""On-disk names, dtypes, shapes and config of each dialect (formats.md §2-4, §10-11), and
+"""On-disk names, dtypes, shapes and config of each dialect (docs/checkpoints.md), and
 round trips through our reader."""
 
 import json
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from compressed_tensors.quantization import QuantizationConfig
-from quant_helpers import STORIES, quantize
+from quant_helpers import quantize, tiny_llama_dir
 from safetensors import safe_open
 
 from mxptq.checkpoint import checkpoint_format, read_checkpoint, read_dense
@@ -22,13 +22,13 @@ def header(path):
 
 
 def original(name):
-    with safe_open(str(STORIES / "model.safetensors"), "pt") as f:
+    with safe_open(str(tiny_llama_dir() / "model.safetensors"), "pt") as f:
         return f.get_tensor(name)
 
 
 def test_compressed_tensors_layout_and_config(tmp_path):
     out = tmp_path / "ct"
-    quantize(STORIES, out, "--scale", "absmax")
+    quantize(tiny_llama_dir(), out, "--scale", "absmax")
     h = header(out / "model.safetensors")
     assert h["__metadata__"] == {"format": "pt"}
     assert h[f"{Q}.weight_packed"]["dtype"] == "U8" and h[f"{Q}.weight_packed"]["shape"] == [64, 32]
@@ -45,11 +45,10 @@ def test_compressed_tensors_layout_and_config(tmp_path):
     idx = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(idx["weight_map"]) == set(h) - {"__metadata__"}
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        assert (out / f).read_bytes() == (STORIES / f).read_bytes()
-    assert not (out / "original").exists()  # llama2.c weights (.bin) are not copied
+        assert (out / f).read_bytes() == (tiny_llama_dir() / f).read_bytes()
     rep = json.loads((out / "mxptq_report.json").read_text())
     assert rep["flags"]["scale"] == "absmax" and len(rep["tensors"]) == 30
-    assert 0 < rep["error"]["rel_mse_mean"] < 0.05
+    assert 0 < rep["quantization_error"]["rel_mse_mean"] < 0.05
     # g = 2688 / amax over q, k, v (one fused set), and the bytes are quantize_tensor's
     w = {x: original(f"model.layers.0.self_attn.{x}_proj.weight") for x in "qkv"}
     amax = max(float(t.abs().max()) for t in w.values())
@@ -62,7 +61,7 @@ def test_compressed_tensors_layout_and_config(tmp_path):
 
 def test_mxfp4_compressed_tensors_config(tmp_path):
     out = tmp_path / "mx"
-    quantize(STORIES, out, "--format", "mxfp4", "--scale", "absmax")
+    quantize(tiny_llama_dir(), out, "--format", "mxfp4", "--scale", "absmax")
     h = header(out / "model.safetensors")
     assert h[f"{Q}.weight_scale"]["dtype"] == "U8" and h[f"{Q}.weight_scale"]["shape"] == [64, 2]
     assert f"{Q}.weight_global_scale" not in h
@@ -72,8 +71,8 @@ def test_mxfp4_compressed_tensors_config(tmp_path):
 
 def test_modelopt_layout_and_roundtrip(tmp_path):
     ct, mo = tmp_path / "ct", tmp_path / "mo"
-    quantize(STORIES, ct, "--scale", "search")
-    quantize(STORIES, mo, "--scale", "search", "--dialect", "modelopt")
+    quantize(tiny_llama_dir(), ct, "--scale", "search")
+    quantize(tiny_llama_dir(), mo, "--scale", "search", "--dialect", "modelopt")
     h = header(mo / "model.safetensors")
     assert h[f"{Q}.weight"]["dtype"] == "U8" and h[f"{Q}.weight"]["shape"] == [64, 32]
     sc = h[f"{Q}.weight_scale"]
@@ -102,7 +101,7 @@ def test_modelopt_layout_and_roundtrip(tmp_path):
 
 def test_native_ue5m3_block8_roundtrip(tmp_path):
     out = tmp_path / "nat"
-    quantize(STORIES, out, "--recipe", str(REPO / "recipes" / "nvfp4-ue5m3-b8.yaml"))
+    quantize(tiny_llama_dir(), out, "--recipe", str(REPO / "recipes" / "nvfp4-ue5m3-b8.yaml"))
     name, fmt = checkpoint_format(out)
     assert (name, fmt.name, fmt.scale.name, fmt.block_size, fmt.has_global) == (
         "native", "nvfp4-ue5m3", "ue5m3", 8, False)
@@ -118,7 +117,7 @@ def test_native_ue5m3_block8_roundtrip(tmp_path):
 
 def test_native_block4_quantizes_down_proj(tmp_path):
     out = tmp_path / "b4"
-    quantize(STORIES, out, "--format", "nvfp4", "--block-size", "4", "--scale", "absmax")
+    quantize(tiny_llama_dir(), out, "--format", "nvfp4", "--block-size", "4", "--scale", "absmax")
     q = read_checkpoint(out)
     assert checkpoint_format(out)[0] == "native" and len(q) == 35  # 172 = 4 * 43
     assert q["model.layers.0.mlp.down_proj"].scales.dtype == torch.float8_e4m3fn

@@ -1,5 +1,6 @@
-"""`mxptq inspect` on a real quantized stories260K and on deliberately corrupted copies of it:
-the clean checkpoint passes with its summary, every corruption fails naming what is wrong."""
+"""`mxptq inspect` on a quantized tiny Llama (stories260K's shapes) and on deliberately corrupted
+copies of it: the clean checkpoint passes with its summary, every corruption fails naming what is
+wrong."""
 
 import json
 import shutil
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import typer
-from quant_helpers import STORIES, quantize
+from quant_helpers import quantize, tiny_llama_dir
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -27,7 +28,7 @@ Q = "model.layers.1.self_attn.q_proj"
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ins") / "ct"
-    quantize(STORIES, out, "--format", "nvfp4", "--scale", "search")
+    quantize(tiny_llama_dir(), out, "--format", "nvfp4", "--scale", "search")
     return out
 
 
@@ -75,7 +76,7 @@ def test_clean_checkpoint_passes_with_summary(clean):
 
 
 def test_json_parses_and_offsets_with_original(clean):
-    r = run(clean, "--json", "--original", str(STORIES), "--layers")
+    r = run(clean, "--json", "--original", str(tiny_llama_dir()), "--layers")
     assert r.exit_code == 0, r.output
     j = json.loads(r.stdout)
     assert j["ok"] and j["format"] == "nvfp4" and j["block_size"] == 16
@@ -174,8 +175,9 @@ def test_config_names_another_format(ckpt):
 
 def test_ue5m3_code_above_max(tmp_path):
     out = tmp_path / "native"
-    quantize(STORIES, out, "--format", "nvfp4-ue5m3", "--block-size", "8", "--scale", "absmax")
-    r = run(out, "--json", "--original", str(STORIES))
+    quantize(tiny_llama_dir(), out, "--format", "nvfp4-ue5m3", "--block-size", "8",
+             "--scale", "absmax")
+    r = run(out, "--json", "--original", str(tiny_llama_dir()))
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["offset_histogram"] == {"0": 171520 // 8}  # absmax: all c0
     _poke(out, f"{Q}.weight_scale", bytes([0xFF]))
@@ -188,7 +190,8 @@ def test_not_a_checkpoint(tmp_path):
 
 def test_modelopt_fused_partner_scale(tmp_path):
     out = tmp_path / "mo"
-    quantize(STORIES, out, "--format", "nvfp4", "--scale", "absmax", "--dialect", "modelopt")
+    quantize(tiny_llama_dir(), out, "--format", "nvfp4", "--scale", "absmax",
+             "--dialect", "modelopt")
     r = run(out, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["dialect"] == "modelopt", r.output
     _poke(out, "model.layers.3.mlp.up_proj.weight_scale_2", struct.pack("<f", 0.5))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from quant_helpers import STORIES, minilm_dir
+from quant_helpers import minilm_dir, tiny_llama_dir
 
 from mxptq import skeleton
 from mxptq.checkpoint.dialects import get_dialect
@@ -21,8 +21,8 @@ def plan(path, fmt="nvfp4", dialect="compressed-tensors", **kw):
                       get_dialect(dialect), **kw)
 
 
-def test_stories_plan_keeps_down_proj_and_groups_qkv_gate_up():
-    p = plan(STORIES)
+def test_tiny_llama_plan_keeps_down_proj_and_groups_qkv_gate_up():
+    p = plan(tiny_llama_dir())
     s = p.summary()
     assert s["quantize"] == 5 * 6  # q, k, v, o, gate, up in 5 layers
     kept = {it.name: it.reason for it in p.items if it.action == "keep"}
@@ -35,7 +35,7 @@ def test_stories_plan_keeps_down_proj_and_groups_qkv_gate_up():
 
 
 def test_ignore_pattern_keeps_whole_fused_set():
-    p = plan(STORIES, ignore=["*.layers.1.self_attn.k_proj"])
+    p = plan(tiny_llama_dir(), ignore=["*.layers.1.self_attn.k_proj"])
     by = {it.name: it for it in p.items}
     for x in "qkv":
         it = by[f"model.layers.1.self_attn.{x}_proj.weight"]
@@ -99,12 +99,12 @@ def test_fused_3d_experts_are_sliced_by_their_layout(tmp_path):
 )
 def test_dialect_refuses_what_it_cannot_express(fmt, block, dialect):
     with pytest.raises(MxptqError, match=f"dialect {dialect} cannot express"):
-        plan(STORIES, fmt, dialect, block=block)
+        plan(tiny_llama_dir(), fmt, dialect, block=block)
 
 
 def test_nothing_quantizable_is_refused():
     with pytest.raises(MxptqError, match="no Linear weight"):
-        plan(STORIES, "nvfp4", "native", block=128)
+        plan(tiny_llama_dir(), "nvfp4", "native", block=128)
 
 
 def test_plan_reads_no_tensor_data(monkeypatch):
@@ -115,13 +115,13 @@ def test_plan_reads_no_tensor_data(monkeypatch):
 
     monkeypatch.setattr(io, "read_tensor", boom)
     monkeypatch.setattr(torch, "load", boom)
-    assert plan(STORIES).summary()["quantize"] == 30
+    assert plan(tiny_llama_dir()).summary()["quantize"] == 30
 
 
 def test_skeleton_cache_is_used_and_survives_corruption(tmp_path, monkeypatch):
     monkeypatch.setenv("MXPTQ_CACHE_DIR", str(tmp_path / "cache"))
-    built = skeleton.build_skeleton(STORIES)
-    first = skeleton.load_skeleton(STORIES)
+    built = skeleton.build_skeleton(tiny_llama_dir())
+    first = skeleton.load_skeleton(tiny_llama_dir())
     assert first == built
     (entry,) = (tmp_path / "cache").glob("skeleton-*.json")
 
@@ -129,11 +129,11 @@ def test_skeleton_cache_is_used_and_survives_corruption(tmp_path, monkeypatch):
         raise AssertionError("built although cached")
 
     monkeypatch.setattr(skeleton, "build_skeleton", boom)
-    assert skeleton.load_skeleton(STORIES) == built  # read from the cache
+    assert skeleton.load_skeleton(tiny_llama_dir()) == built  # read from the cache
     entry.write_text("{not json")
     monkeypatch.undo()
     monkeypatch.setenv("MXPTQ_CACHE_DIR", str(tmp_path / "cache"))
-    assert skeleton.load_skeleton(STORIES) == built  # rebuilt, and the entry rewritten
+    assert skeleton.load_skeleton(tiny_llama_dir()) == built  # rebuilt, and the entry rewritten
     assert sorted(json.loads(entry.read_text())["linears"]) == sorted(built.linears)
 
 
@@ -141,13 +141,13 @@ def test_skeleton_cache_key_follows_the_config(tmp_path, monkeypatch):
     monkeypatch.setenv("MXPTQ_CACHE_DIR", str(tmp_path / "cache"))
     other = tmp_path / "model"
     other.mkdir()
-    cfg = json.loads((STORIES / "config.json").read_text())
+    cfg = json.loads((tiny_llama_dir() / "config.json").read_text())
     (other / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=2)))
-    a, b = skeleton.load_skeleton(STORIES), skeleton.load_skeleton(other)
+    a, b = skeleton.load_skeleton(tiny_llama_dir()), skeleton.load_skeleton(other)
     assert len(list((tmp_path / "cache").glob("skeleton-*.json"))) == 2
     assert len(b.linears) < len(a.linears)
     monkeypatch.setenv("MXPTQ_NO_CACHE", "1")
-    assert skeleton.cache_dir() is None and skeleton.load_skeleton(STORIES) == a
+    assert skeleton.cache_dir() is None and skeleton.load_skeleton(tiny_llama_dir()) == a
 
 
 def test_cached_plan_does_not_import_transformers(tmp_path):
@@ -158,8 +158,8 @@ def test_cached_plan_does_not_import_transformers(tmp_path):
         "from mxptq.checkpoint.dialects import get_dialect\n"
         "from mxptq.formats import get_format\n"
         "from mxptq.plan import build_plan\n"
-        f"p = build_plan(__import__('pathlib').Path({str(STORIES)!r}), get_format('nvfp4'), "
-        "'absmax', get_dialect('compressed-tensors'))\n"
+        f"p = build_plan(__import__('pathlib').Path({str(tiny_llama_dir())!r}), "
+        "get_format('nvfp4'), 'absmax', get_dialect('compressed-tensors'))\n"
         "print(p.summary()['quantize'], 'transformers' in sys.modules)\n"
     )
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

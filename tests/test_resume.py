@@ -61,7 +61,7 @@ def test_resume_after_crash_is_byte_identical(tmp_path, monkeypatch):
     assert checkpoint_bytes(out) == checkpoint_bytes(full)
     rep = json.loads((out / "mxptq_report.json").read_text())
     assert len(rep["tensors"]) == json.loads((full / "mxptq_report.json").read_text())[
-        "error"]["tensors"]
+        "quantization_error"]["tensors"]
 
 
 def test_resume_with_other_flags_is_refused(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from quant_helpers import ASSETS, STORIES, dense_state, minilm_dir, quantize
+from quant_helpers import dense_state, english_documents, minilm_dir, quantize, tiny_llama_dir
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -23,7 +23,6 @@ from mxptq.runtime import (
     packed_config,
 )
 
-TEXT = ASSETS / "text" / "tinystories" / "validation_100.txt"
 DIALECTS = {
     "ct-nvfp4": ("--format", "nvfp4", "--scale", "search"),
     "modelopt": ("--format", "nvfp4", "--scale", "search", "--dialect", "modelopt"),
@@ -40,13 +39,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def ckpts(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ckpt")
     for name, args in DIALECTS.items():
-        quantize(STORIES, root / name, *args)
+        quantize(tiny_llama_dir(), root / name, *args)
     return {name: root / name for name in DIALECTS}
 
 
 def _dense_ref(qdir, dtype=torch.float32) -> nn.Module:
-    """stories260K with every quantized weight replaced by its dequantized value."""
-    ref = AutoModelForCausalLM.from_pretrained(STORIES, dtype=dtype).eval()
+    """The tiny Llama with every quantized weight replaced by its dequantized value."""
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir(), dtype=dtype).eval()
     ref.load_state_dict(dense_state(ref, qdir, dtype))
     return ref
 
@@ -55,9 +54,9 @@ def _packed(model: nn.Module) -> dict[str, PackedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
 
 
-def _perplexity(model: nn.Module, tok, stories: int = 20) -> float:
-    """docs mode (shared/assets/README.md): [BOS] + tok(story)[:511], first `stories` stories."""
-    texts = [s.strip() for s in TEXT.read_text().split("<|endoftext|>") if s.strip()][:stories]
+def _perplexity(model: nn.Module, tok, docs: int = 20) -> float:
+    """docs mode: [BOS] + tok(document)[:511], over the first `docs` English documents."""
+    texts = english_documents(docs)
     nll = count = 0
     with torch.no_grad():
         for t in texts:
@@ -99,7 +98,8 @@ def test_logits_perplexity_and_generation_match_dequantized_model(ckpts, dialect
     tok = AutoTokenizer.from_pretrained(ckpts[dialect])
     ppl, ppl_ref = _perplexity(model, tok), _perplexity(ref, tok)
     assert abs(ppl / ppl_ref - 1) < 1e-3
-    assert ppl < 1.2 * _perplexity(AutoModelForCausalLM.from_pretrained(STORIES).eval(), tok)
+    orig = AutoModelForCausalLM.from_pretrained(tiny_llama_dir()).eval()
+    assert ppl < 1.2 * _perplexity(orig, tok)
     bos = torch.tensor([[tok.bos_token_id]])
     kw = {"max_new_tokens": 20, "do_sample": False, "pad_token_id": tok.eos_token_id}
     out, out_ref = model.generate(bos, **kw), ref.generate(bos, **kw)
@@ -181,13 +181,13 @@ def test_dtype_keeps_packed_bytes(ckpts):
     assert model(IDS).logits.dtype == torch.bfloat16
 
 
-def test_memory_of_packed_layers_stories(ckpts):
+def test_memory_of_packed_layers_tiny_llama(ckpts):
     model = mxptq.load(ckpts["ct-nvfp4"], dtype=torch.bfloat16)
     packed = linear_weight_bytes(nn.ModuleList(_packed(model).values()))
     assert packed.ratio <= 0.3
     whole = linear_weight_bytes(model)  # down_proj (K = 172) and lm_head stay bf16
     assert packed.bytes < whole.bytes < whole.bf16_bytes
-    print(f"stories260K nvfp4: packed layers {packed.bytes} B vs bf16 {packed.bf16_bytes} B "
+    print(f"tiny Llama nvfp4: packed layers {packed.bytes} B vs bf16 {packed.bf16_bytes} B "
           f"({packed.ratio:.3f}); all linears {whole.bytes} B vs {whole.bf16_bytes} B "
           f"({whole.ratio:.3f})")
 

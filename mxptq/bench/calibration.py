@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mxptq.bench.shared import assets_dir, require
 from mxptq.calibration import (
     CalibOptions,
     activation_scales,
@@ -41,7 +42,7 @@ from mxptq.calibration import (
 from mxptq.calibration.attention import use_emulated_attention
 from mxptq.evaluate import EvalResult, reference_logprobs, score, sequences
 
-ASSETS = Path(__file__).resolve().parents[2].parent / "shared" / "assets"
+ASSETS = assets_dir()
 MODEL = ASSETS / "models" / "stories260K"
 CALIB = ASSETS / "text" / "tinystories" / "validation_prefix.txt"
 EVAL = ASSETS / "text" / "tinystories" / "validation_100.txt"
@@ -138,6 +139,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=2048, help="eval window with --gguf")
     ap.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = ap.parse_args()
+    require(WIKI, *(() if args.gguf else (MODEL, CALIB, EVAL)))
     torch.set_num_threads(args.threads)
     base, tok, calib, text, mode, ctx, todo, desc = setup(args)
     ids = load_calibration(calib, tok, args.samples, args.seqlen, args.seed)

@@ -26,7 +26,8 @@ def main(out: str) -> None:
     dialect, fmt = checkpoint_format(folder)
     print(f"{len(q)} Linear layers packed as {fmt.name} ({dialect}); e.g. {name}: codes "
           f"{tuple(q[name].codes.shape)} uint8, scales {tuple(q[name].scales.shape)} "
-          f"{q[name].scales.dtype}; mean relative MSE {rep['error']['rel_mse_mean']:.2e}")
+          f"{q[name].scales.dtype}; mean relative MSE "
+          f"{rep['quantization_error']['rel_mse_mean']:.2e}")
     src = Path(rep["flags"]["model"])
     tok = AutoTokenizer.from_pretrained(folder)
     b = tok(SENTENCES, padding=True, return_tensors="pt")

@@ -188,7 +188,7 @@ def main() -> None:
         "peak_rss_gib": child_rss / gib,
         "rss_budget_gib": max(in_sizes.values()) / gib + 2,
         "peak_gpu_gib": report["memory"].get("peak_gpu_allocated_bytes", 0) / gib,
-        "rel_mse_mean": report["error"]["rel_mse_mean"],
+        "rel_mse_mean": report["quantization_error"]["rel_mse_mean"],
         "versions": report["versions"],
     }
     print(json.dumps(res, indent=2))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import tempfile
 import time
@@ -24,14 +23,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mxptq.bench.shared import assets_dir, require
 from mxptq.checkpoint import get_dialect, read_checkpoint
 from mxptq.formats import get_format
 from mxptq.pipeline import RunOptions, run
 from mxptq.plan import build_plan
 from mxptq.tensor import dequantize
 
-SHARED = Path(os.environ.get("MXPTQ_SHARED", Path(__file__).resolve().parents[2].parent / "shared"))
-ASSETS = SHARED / "assets"
+ASSETS = assets_dir()
 STORIES = ASSETS / "models" / "stories260K"
 TEXT = ASSETS / "text" / "tinystories"
 VARIANTS = [("nvfp4", "absmax"), ("nvfp4", "4over6"), ("nvfp4", "search"),
@@ -99,6 +98,7 @@ def main() -> None:
     ap.add_argument("--skip-exhaustive-minilm", action="store_true",
                     help="exhaustive on MiniLM takes minutes on a CPU")
     a = ap.parse_args()
+    require(STORIES, TEXT)
     torch.manual_seed(0)
     st_tok = AutoTokenizer.from_pretrained(STORIES)
     ml_dir = minilm_dir()

@@ -1,5 +1,5 @@
 """On-disk dialects: tensor names, dtypes and config blocks for compressed-tensors, ModelOpt and
-our native layout (formats.md §2-4, §11). Each dialect maps a QuantizedTensor to named tensors
+our native layout (docs/checkpoints.md). Each dialect maps a QuantizedTensor to named tensors
 and back, so writers and readers share one definition."""
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ class CompressedTensors(Dialect):
             # schemes hard-code float8_e4m3fn).
             weights.update(scale_dtype="torch.uint8", zp_dtype=None)
         acts = None
-        if w4a4:  # the NVFP4 preset (formats.md §2.2): dynamic block scales, static global
+        if w4a4:  # compressed-tensors' NVFP4 preset: dynamic block scales, static global
             acts = dict(weights, dynamic="local", observer="static_minmax")
         group = {
             "format": self._ct_format(fmt),

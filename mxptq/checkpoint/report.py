@@ -73,8 +73,8 @@ def write_report(folder: Path, plan, flags, stats, shard_seconds, seconds, devic
         "dialect": plan.dialect.name,
         "plan": plan.summary(),
         "kept": {it.name: it.reason for it in plan.items if it.action == "keep"},
-        "error": {
-            "tensors": len(stats),
+        "quantization_error": {  # relative MSE ||w - dequant||² / ||w||² per tensor
+            "tensors": len(rel),
             "rel_mse_mean": sum(rel) / len(rel) if rel else 0.0,
             "rel_mse_max": rel[-1] if rel else 0.0,
         },
