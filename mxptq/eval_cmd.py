@@ -15,6 +15,7 @@ from rich.table import Table
 
 from .errors import MxptqError
 from .scales import SELECTORS
+from .source import resolve_model
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -56,12 +57,13 @@ def run_eval(
     if scale not in SELECTORS:
         raise MxptqError(f"unknown --scale {scale!r} (one of {', '.join(SELECTORS)})")
     test = load_causal_lm(quantized, "--quantized") if quantized else None
-    tok = AutoTokenizer.from_pretrained(model)
-    ref = load_causal_lm(model, "--model")
+    src = str(resolve_model(model))  # a GGUF file or a `quant_method: gguf` folder: dense
+    tok = AutoTokenizer.from_pretrained(src)
+    ref = load_causal_lm(src, "--model")
     if emulate_attention:
         from .calibration.attention import use_emulated_attention
 
-        test = test if test is not None else load_causal_lm(model, "--model")
+        test = test if test is not None else load_causal_lm(src, "--model")
         try:
             use_emulated_attention(test, emulate_attention, scale)
         except ValueError as e:

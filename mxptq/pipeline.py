@@ -28,6 +28,7 @@ from .plan import Item, Plan
 from .tensor import QuantizedTensor, dequantize, quantize_tensor
 
 STATE_NAME = ".mxptq-state.json"
+CALIB_STATE_DIR = ".mxptq-calibration"  # calibration's resumable state (calibration.state)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 FAIL_AFTER_ENV = "MXPTQ_FAIL_AFTER_SHARD"  # testing hook: crash after this many output shards
 _PREFETCH_BUNDLES = 4  # bundles read ahead of the device
@@ -53,6 +54,9 @@ class RunOptions:
     resume: bool = False
     flags: dict = field(default_factory=dict)  # recorded in the report and the resume signature
     calib: CalibData | None = None
+    tmp: Path | None = None  # the partial folder, when the caller prepared it (calibration)
+    started: float | None = None  # perf_counter() at the command's start: wall time counts
+    # from there (calibration included)
 
 
 @dataclass
@@ -321,9 +325,9 @@ def run(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Quantize the whole plan into opts.out; returns the report dict."""
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if opts.started is None else opts.started
     device = resolve_device(opts.device)
-    tmp = prepare_output(opts.out, opts.overwrite, opts.resume)
+    tmp = opts.tmp or prepare_output(opts.out, opts.overwrite, opts.resume)
     names = output_shard_names(plan)
     sig = signature(plan, opts.flags)
     state_path = tmp / STATE_NAME
@@ -415,6 +419,7 @@ def finalize(plan, opts, tmp, names, state, seconds, device) -> dict:
     report = write_report(tmp, plan, opts.flags, stats, state, seconds, str(device), __version__,
                           calib)
     (tmp / STATE_NAME).unlink(missing_ok=True)
+    shutil.rmtree(tmp / CALIB_STATE_DIR, ignore_errors=True)
     out = opts.out
     if out.exists():
         old = out.parent / f".{out.name}.mxptq-old"
