@@ -173,7 +173,7 @@ def convert_gguf(gguf: Path, folder: Path, on_tensor=None) -> dict:
 
     try:
         parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)
-        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config = AutoConfig.for_model(**parsed["config"])  # as AutoTokenizer does for a GGUF
     except Exception as e:  # transformers raises ValueError/KeyError for what it cannot map
         raise MxptqError(f"--model {gguf}: transformers cannot read this GGUF's metadata "
                          f"({type(e).__name__}: {e})") from None

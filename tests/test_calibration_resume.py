@@ -16,7 +16,7 @@ from mxptq.calibration.state import SAVE_EVERY_ENV, STOP_ENV, CalibState
 from mxptq.calibration.stats import LinearStats
 from mxptq.cli import app
 from mxptq.formats import get_format
-from mxptq.pipeline import CALIB_STATE_DIR, partial_dir
+from mxptq.pipeline import CALIB_STATE_DIR, FAIL_AFTER_ENV, partial_dir
 from mxptq.tensor import quantize_tensor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,6 +78,20 @@ def test_interrupt_at_a_layer_boundary_then_resume_gives_the_same_bytes(
     assert rep["calibration"] == {**report(tmp_path / "ref")["calibration"],
                                   "resumed_at_layer": 2, "seconds": rep["calibration"]["seconds"]}
     assert not (out / CALIB_STATE_DIR).exists() and not partial_dir(out).exists()
+
+
+def test_a_crash_after_calibration_does_not_calibrate_again(model, text, tmp_path, monkeypatch):
+    args = calib(text, "--algo", "gptq")
+    ok(invoke(model, tmp_path / "ref", *args))
+    out = tmp_path / "o"
+    monkeypatch.setenv(FAIL_AFTER_ENV, "1")  # crash once the (only) shard is written
+    assert invoke(model, out, *args).exit_code != 0
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    monkeypatch.setattr("mxptq.calibration.calibrate",
+                        lambda *a, **k: pytest.fail("calibrated again"))
+    ok(invoke(model, out, *args, "--resume"))
+    assert weights(out) == weights(tmp_path / "ref")
+    assert report(out)["calibration"]["resumed_at_layer"] == 4
 
 
 @pytest.mark.slow
