@@ -67,8 +67,9 @@ def formats_cmd() -> None:
 @app.command("quantize")
 def quantize_cmd(
     model: str = typer.Option(
-        None, "--model", help="Hub id (org/name, needs the hub or its cache) or local folder "
-        "with config.json and *.safetensors. Required (here or in --recipe)."),
+        None, "--model", help="Hub id (org/name, needs the hub or its cache), local folder "
+        "with config.json and *.safetensors, or a .gguf file (or a folder with one; needs the "
+        "gguf package). Required (here or in --recipe)."),
     format: str = typer.Option(
         None, "--format", help="nvfp4 | mxfp4 | nvfp4-ue5m3. (default: nvfp4)"),
     scale: str = typer.Option(
@@ -93,14 +94,17 @@ def quantize_cmd(
         None, "--device", help="auto | cuda | cpu. (default: auto = cuda when available)"),
     calib: str = typer.Option(
         None, "--calib", help="Calibration text: a local .txt, .jsonl or .parquet (text "
-        "field/column) or a datasets name (online only). Needed by --importance, --algo gptq "
+        "field/column), a datasets name (online only), or generate[:N]: N windows the model "
+        "writes itself (N defaults to --calib-samples). Needed by --importance, --algo gptq "
         "and --scheme w4a4. (default: none, no calibration)"),
     calib_samples: int = typer.Option(
         None, "--calib-samples", help="Calibration windows. (default: 128)"),
     calib_seqlen: int = typer.Option(
-        None, "--calib-seqlen", help="Tokens per calibration window. (default: 2048)"),
+        None, "--calib-seqlen", help="Tokens per calibration window, clamped to the model's "
+        "context. (default: 2048)"),
     seed: int = typer.Option(
-        None, "--seed", help="Seed of the window starts; same seed, same bytes. (default: 0)"),
+        None, "--seed", help="Seed of the window starts (or of --calib generate's sampling); "
+        "same seed, same bytes. (default: 0)"),
     importance: bool = typer.Option(
         None, "--importance/--no-importance", help="Selectors minimize the error weighted by "
         "E[x²] of each Linear's input channels. (default: off)"),
@@ -124,8 +128,9 @@ def quantize_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
     resume: bool = typer.Option(
-        False, "--resume", help="Continue an interrupted run from its last finished shard "
-        "(same flags); the result is byte-identical to an uninterrupted run."),
+        False, "--resume", help="Continue an interrupted run from its last finished "
+        "calibration layer and shard (same flags); the result is byte-identical to an "
+        "uninterrupted run."),
     as_json: bool = typer.Option(
         False, "--json", help="Print the plan and result as JSON on stdout (no progress bar)."),
 ) -> None:

@@ -94,7 +94,8 @@ def _table(out: dict) -> Table:
 
 
 def eval_command(
-    model: str = typer.Option(..., "--model", help="Original checkpoint (local folder)."),
+    model: str = typer.Option(..., "--model", help="Original checkpoint: local folder, hub "
+                              "id, or .gguf file (or a folder with one)."),
     quantized: str = typer.Option(
         None, "--quantized", help="Quantized checkpoint folder, loaded with transformers' "
         "AutoModelForCausalLM (cast to float32). (default: evaluate --model only)"),

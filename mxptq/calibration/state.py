@@ -41,9 +41,7 @@ STOP_ENV = "MXPTQ_CALIB_STOP_AT_LAYER"
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    # clones: fused partners share statistics and slices of one result, which safetensors
-    # refuses to store as such
-    save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()}, str(tmp),
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
               metadata={k: str(v) for k, v in metadata.items()})
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
@@ -65,6 +63,12 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         return {k: f.get_tensor(k) for k in names}, f.metadata() or {}
 
 
+# Copies (`_own`): fused partners share one LinearStats and slices of one result, which
+# safetensors refuses to store as shared memory.
+def _own(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)
+
+
 def stats_tensors(stats: dict[str, LinearStats]) -> dict[str, torch.Tensor]:
     """LinearStats without the Hessian (used up by then) as exact tensors."""
     out = {}
@@ -73,17 +77,17 @@ def stats_tensors(stats: dict[str, LinearStats]) -> dict[str, torch.Tensor]:
         out[f"{name}::amax"] = torch.tensor(s.amax, dtype=torch.float64)
         out[f"{name}::in_features"] = torch.tensor(s.in_features, dtype=torch.int64)
         if s.sq_sum is not None:
-            out[f"{name}::sq_sum"] = s.sq_sum.cpu()
+            out[f"{name}::sq_sum"] = _own(s.sq_sum)
     return out
 
 
 def qt_tensors(qts: dict[str, QuantizedTensor]) -> dict[str, torch.Tensor]:
     out = {}
     for name, qt in qts.items():
-        out[f"{name}::codes"] = qt.codes.cpu()
-        out[f"{name}::scales"] = qt.scales.cpu()
+        out[f"{name}::codes"] = _own(qt.codes)
+        out[f"{name}::scales"] = _own(qt.scales)
         if qt.global_scale is not None:
-            out[f"{name}::global_scale"] = qt.global_scale.cpu()
+            out[f"{name}::global_scale"] = _own(qt.global_scale)
     return out
 
 
