@@ -80,10 +80,10 @@ def formats_cmd() -> None:
 @app.command("quantize")
 def quantize_cmd(
     model: str = typer.Option(
-        None, "--model", metavar="FOLDER|ORG/NAME", help="A local model folder (config.json and "
-        "*.safetensors) or a hub id; a hub id needs the network or a copy in the hub cache "
-        "(hf download ORG/NAME --local-dir DIR where the network is, then --model DIR). Required "
-        "(here or in --recipe)."),
+        None, "--model", metavar="FOLDER|ORG/NAME|GGUF", help="A local model folder "
+        "(config.json and *.safetensors), a .gguf file (or a folder with one), or a hub id; a "
+        "hub id needs the network or a copy in the hub cache (hf download ORG/NAME --local-dir "
+        "DIR where the network is, then --model DIR). Required (here or in --recipe)."),
     format: str = typer.Option(
         None, "--format", metavar=_choices(FORMAT_NAMES), help="nvfp4: E4M3 scale per 16 "
         "weights and an fp32 global scale (vLLM, TensorRT-LLM); nvfp4-ue5m3: unsigned E5M3 "
@@ -119,17 +119,19 @@ def quantize_cmd(
         None, "--device", metavar="[auto|cuda|cpu]", help="Where the quantization runs. "
         "(default: auto = cuda when available)"),
     calib: str = typer.Option(
-        None, "--calib", metavar="TEXT", help="Calibration text: a local .txt, .jsonl or "
-        ".parquet (text field/column) or a datasets name (online only). Needed by "
-        "--importance, --algo gptq and --scheme w4a4. (default: none, no calibration)"),
+        None, "--calib", metavar="TEXT|generate[:N]", help="Calibration text: a local .txt, "
+        ".jsonl or .parquet (text field/column), a datasets name (online only), or "
+        "generate[:N]: N windows the model writes itself (N defaults to --calib-samples). "
+        "Needed by --importance, --algo gptq and --scheme w4a4. (default: none, no "
+        "calibration)"),
     calib_samples: int = typer.Option(
         None, "--calib-samples", metavar="N", help="Calibration windows. (default: 128)"),
     calib_seqlen: int = typer.Option(
-        None, "--calib-seqlen", metavar="TOKENS", help="Tokens per calibration window. "
-        "(default: 2048)"),
+        None, "--calib-seqlen", metavar="TOKENS", help="Tokens per calibration window, "
+        "clamped to the model's context. (default: 2048)"),
     seed: int = typer.Option(
-        None, "--seed", metavar="N", help="Seed of the window starts; same seed, same bytes. "
-        "(default: 0)"),
+        None, "--seed", metavar="N", help="Seed of the window starts (or of --calib generate's "
+        "sampling); same seed, same bytes. (default: 0)"),
     importance: bool = typer.Option(
         None, "--importance/--no-importance", help="Selectors minimize the error weighted by "
         "E[x²] of each Linear's input channels. (default: off)"),
@@ -160,9 +162,9 @@ def quantize_cmd(
         False, "--overwrite", help="Replace a non-empty --out (swapped only once the new one is "
         "complete); without --resume, also discard an interrupted run's partial output."),
     resume: bool = typer.Option(
-        False, "--resume", help="Continue an interrupted run from its last finished shard "
-        "(same flags and input; finished shards are re-checked); the result is byte-identical "
-        "to an uninterrupted run."),
+        False, "--resume", help="Continue an interrupted run from its last finished "
+        "calibration layer and shard (same flags and input; finished shards are re-checked); "
+        "the result is byte-identical to an uninterrupted run."),
     as_json: bool = typer.Option(
         False, "--json", help="Print the plan and result as JSON on stdout (no progress bar)."),
 ) -> None:

@@ -114,8 +114,11 @@ def run_eval(
         raise MxptqError(f"--ctx {ctx}: must be at least 2 (BOS and one token to predict)")
     if max_sequences is not None and max_sequences < 1:
         raise MxptqError(f"--max-seqs {max_sequences}: must be at least 1")
+    from .source import resolve_model
+
     text = load_data(data)
-    tok = load_tokenizer(model)
+    src = str(resolve_model(model))  # a GGUF file or a `quant_method: gguf` folder: dense
+    tok = load_tokenizer(src)
     try:
         prep = prepare(tok, text, mode, ctx, max_sequences)
     except ValueError as e:
@@ -125,11 +128,11 @@ def run_eval(
     if quantized:
         check_quantized(quantized)
     test = load_causal_lm(quantized, "--quantized") if quantized else None
-    ref = load_causal_lm(model, "--model")
+    ref = load_causal_lm(src, "--model")
     if emulate_attention:
         from .calibration.attention import use_emulated_attention
 
-        test = test if test is not None else load_causal_lm(model, "--model")
+        test = test if test is not None else load_causal_lm(src, "--model")
         try:
             use_emulated_attention(test, emulate_attention, scale)
         except ValueError as e:
@@ -181,8 +184,8 @@ def _scored_line(out: dict) -> str:
 
 def eval_command(
     model: str = typer.Option(
-        ..., "--model", metavar="FOLDER", help="The original (unquantized) model folder; its "
-        "tokenizer tokenizes --data."),
+        ..., "--model", metavar="FOLDER|FILE", help="The original (unquantized) model: a folder, "
+        "hub id, or .gguf file (or a folder with one); its tokenizer tokenizes --data."),
     quantized: str = typer.Option(
         None, "--quantized", metavar="FOLDER", help="A checkpoint written by mxptq quantize "
         "(any dialect), loaded with mxptq.load so that it computes with exactly its packed "

@@ -27,6 +27,7 @@ from .errors import MxptqError
 
 STATE_NAME = ".mxptq-state.json"
 RECORDS = ".mxptq-records"
+CALIB_STATE_DIR = ".mxptq-calibration"  # calibration's resumable state (calibration/state.py)
 STATE_VERSION = 2
 
 
@@ -272,6 +273,7 @@ def drop_state(tmp: Path) -> None:
     """The partial folder is whole (its manifest written): remove what only a resume needs."""
     (tmp / STATE_NAME).unlink(missing_ok=True)
     shutil.rmtree(tmp / RECORDS, ignore_errors=True)
+    shutil.rmtree(tmp / CALIB_STATE_DIR, ignore_errors=True)
     fsync_dir(tmp)
 
 

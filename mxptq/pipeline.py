@@ -66,6 +66,8 @@ class RunOptions:
     calib: CalibData | None = None
     side: tuple[list, list[str]] | None = None  # source.side_files(model), if already listed
     on_note: Callable[[str], None] | None = None  # one line for the user (resume decisions)
+    started: float | None = None  # perf_counter() at the command's start: wall time counts
+    # from there (calibration included)
 
 
 @dataclass
@@ -409,7 +411,7 @@ def run(
     """Quantize the whole plan into opts.out; returns the report dict. Holds the --out lock
     for the whole run; `begun` is what `start` decided, if the caller called it (holding the
     lock since)."""
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if opts.started is None else opts.started
     device = resolve_device(opts.device)
     side, _ = opts.side if opts.side is not None else side_files(plan.model_dir)
     with OutputLock(opts.out):

@@ -32,8 +32,9 @@ from .errors import MxptqError
 from .formats import FORMATS, get_format
 from .interrupts import RECEIVED
 from .outdir import OutputLock, lock_path, old_dir, partial_dir
-from .pipeline import CalibData, RunOptions, missing_linears, resolve_device, run, start
+from .pipeline import RunOptions, missing_linears, run, start
 from .plan import Plan, build_plan
+from .quantize_calib import CalibRun, parse_generate, run_calibration
 from .recipes import load_recipe, merge
 from .scales import SELECTORS
 from .source import resolve_model, side_files
@@ -101,6 +102,11 @@ def check_calibration(opts: dict) -> None:
         raise MxptqError(f"{' and '.join(uses)} need(s) --calib SOURCE (calibration text)")
     if opts["calib"] and not uses:
         raise MxptqError("--calib is used only with --importance, --algo gptq or --scheme w4a4")
+    generate, n = parse_generate(opts["calib"])
+    if str(opts["calib"] or "").startswith("generate:") and not generate:
+        raise MxptqError(f"--calib {opts['calib']}: expected generate or generate:N (N windows)")
+    if n is not None:  # generate:N sets the number of windows
+        opts["calib-samples"] = n
     if int(opts["calib-samples"]) < 1 or int(opts["calib-seqlen"]) < 2:
         raise MxptqError("--calib-samples must be at least 1 and --calib-seqlen at least 2")
     if not float(opts["damp"]) > 0:
@@ -157,6 +163,7 @@ def _on_sigterm(signum, frame) -> None:
 def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool, resume: bool,
                   as_json: bool) -> None:
     """Everything after argument parsing; raises MxptqError for the user's mistakes."""
+    started = time.perf_counter()
     console = Console(stderr=as_json)
     reset_events()
     opts = resolve_options(cli, recipe)
@@ -187,7 +194,7 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
     if opts["calib"] and Path(opts["calib"]).is_file():  # --resume must see the same text
         flags["calib-sha256"] = _file_sha256(Path(opts["calib"]))
     ropts = RunOptions(out, opts["device"], overwrite, resume, flags, side=side,
-                       on_note=lambda note: console.print(f"note: {note}"))
+                       on_note=lambda note: console.print(f"note: {note}"), started=started)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
     interrupts.writing()
@@ -195,9 +202,9 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
         with OutputLock(out):
             begun = start(plan, ropts)
             if opts["calib"] and not begun.nothing_left:
-                ropts.calib = run_calibration(plan, opts)
-                for note in ropts.calib.summary["notes"]:
-                    console.print(f"note: {note}")
+                show = not as_json and console.is_terminal
+                ropts.calib = run_calibration(plan, opts, CalibRun(begun.prep.tmp, begun.sig,
+                                                                   resume, console, show))
             report = _run(plan, ropts, begun, console, as_json)
     finally:
         if main:
@@ -244,96 +251,6 @@ def _file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fill_empty_amax(stats: dict) -> None:
-    """An expert that saw no token has input amax 0 (an infinite activation scale): it takes
-    the largest amax of the same projection of its sibling experts."""
-    key = {n: re.sub(r"\.experts\.\d+\.", ".experts.*.", n) for n in stats}
-    best: dict[str, float] = {}
-    for n, s in stats.items():
-        best[key[n]] = max(best.get(key[n], 0.0), s.amax)
-    for n, s in stats.items():
-        if s.amax == 0:
-            s.amax = best[key[n]]
-
-
-def run_calibration(plan: Plan, opts: dict) -> CalibData:
-    """Calibrate once before streaming: per-Linear input statistics (importance, W4A4 amax)
-    and, with --algo gptq, the GPTQ result of every Linear and expert the plan quantizes, held in
-    host memory until its shard is written."""
-    from transformers import AutoTokenizer
-
-    from .calibration import (
-        CalibOptions,
-        activation_scales,
-        calibrate,
-        fused_groups,
-        load_calibration,
-        model_names,
-        quantize_layer,
-    )
-
-    t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(plan.model_dir)
-    ids = load_calibration(opts["calib"], tok, int(opts["calib-samples"]),
-                           int(opts["calib-seqlen"]), int(opts["seed"]))
-    planned = [m for it in plan.items if it.action == "quantize" for m in it.modules]
-    gptq = opts["algo"] == "gptq"
-    copts = CalibOptions(
-        format=opts["format"], scale=opts["scale"], block_size=opts["block-size"],
-        importance=bool(opts["importance"]), algo=opts["algo"],
-        gptq_scales=opts["gptq-scales"], damp=float(opts["damp"]),
-        act_order=bool(opts["act-order"]),
-    )
-    data = CalibData()
-    stats: dict = {}
-    to_ckpt = model_names(planned)  # the model's module names -> the plan's
-
-    def on_layer(run) -> None:
-        if gptq:
-            done = quantize_layer(run, copts, set(to_ckpt))
-            data.gptq.update({to_ckpt[n]: qt.to("cpu") for n, qt in done.items()})
-        for n, st in run.stats.items():
-            st.xtx = None  # the Hessian is used up; keep E[x²] and amax only
-            stats[to_ckpt.get(n, n)] = st.to("cpu")
-
-    calibrate(plan.model_dir, ids, device=resolve_device(opts["device"]), hessian=gptq,
-              on_layer=on_layer, sequential=gptq, keep_stats=False)
-    stats = {m: stats[m] for m in planned if m in stats}
-    if opts["importance"]:
-        data.importance = {m: s.second_moment() for m, s in stats.items() if s.tokens}
-    notes = _notes(planned, stats, data, opts)
-    if opts["scheme"] == "w4a4":
-        _fill_empty_amax(stats)
-        data.acts = activation_scales(stats, fused_groups(list(stats)))
-    data.summary = {
-        "tokens": int(ids.numel()), "windows": list(ids.shape), "linears": len(stats),
-        "empty": sorted(m for m, s in stats.items() if s.tokens == 0),
-        "gptq": len(data.gptq), "notes": notes, "seconds": time.perf_counter() - t0,
-    }
-    return data
-
-
-def _notes(planned: list[str], stats: dict, data: CalibData, opts: dict) -> list[str]:
-    """What calibration could not cover; a W4A4 Linear without statistics is an error."""
-    missing = [m for m in planned if m not in stats]
-    if missing and opts["scheme"] == "w4a4":
-        raise MxptqError(
-            f"--scheme w4a4: {missing[0]} got no calibration statistics (it is outside the "
-            "decoder layers); keep it dense with --ignore or --keep-lm-head"
-        )
-    notes = []
-    empty = [m for m in planned if m not in data.importance]
-    if opts["importance"] and empty:
-        notes.append(f"{len(empty)} quantized Linears saw no calibration token (unrouted "
-                     f"experts, or outside the decoder layers, e.g. {empty[0]}): plain RTN")
-    if opts["algo"] == "gptq":
-        rtn = [m for m in planned if m not in data.gptq]
-        if rtn:
-            notes.append(f"{len(rtn)} quantized Linears without statistics (e.g. {rtn[0]}) "
-                         "use RTN instead of GPTQ")
-    return notes
 
 
 def fail(msg: str, code: int = 2) -> None:

@@ -34,12 +34,20 @@ def _looks_like_hub_id(model: str) -> bool:
 
 
 def resolve_model(model: str) -> Path:
-    """A local folder as is; otherwise a hub id through huggingface_hub (cache first)."""
+    """A local folder as is; otherwise a hub id through huggingface_hub (cache first). A GGUF
+    file (or a folder holding one) becomes its converted folder, and a folder that a GGUF load
+    left marked `quant_method: gguf` a dense view of it (mxptq.gguf_source)."""
+    from .gguf_source import dense_view, find_gguf, gguf_folder
+
     path = Path(model).expanduser()
+    gguf = find_gguf(path)
+    if gguf is not None:
+        return gguf_folder(gguf)
     if path.is_dir():
-        return path.resolve()
+        return dense_view(path.resolve())
     if path.exists():
-        raise MxptqError(f"--model {model}: is a file, expected a model folder or a hub id")
+        raise MxptqError(f"--model {model}: is a file, expected a model folder, a .gguf file "
+                         "or a hub id")
     if not _looks_like_hub_id(model):
         raise MxptqError(f"--model {model}: no such folder (and not a hub id like org/name)")
     try:

@@ -56,7 +56,8 @@ def output_bytes(folder: Path) -> dict[str, bytes]:
             out[str(p.relative_to(folder))] = p.read_bytes()
     rep = json.loads((folder / "mxptq_report.json").read_text())
     errors = [(t["name"], t["shape"], t["group"], f"{t['rel_mse']:.6g}") for t in rep["tensors"]]
-    out["report:tensors"] = json.dumps([errors, rep["quantization_error"]["tensors"], rep["kept"]]).encode()
+    n = rep["quantization_error"]["tensors"]
+    out["report:tensors"] = json.dumps([errors, n, rep["kept"]]).encode()
     return out
 
 

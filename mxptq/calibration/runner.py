@@ -149,6 +149,10 @@ def calibrate(
     sequential: bool = True,
     batch_size: int = 8,
     keep_stats: bool = True,
+    start: int = 0,
+    hidden: torch.Tensor | None = None,
+    on_boundary: Callable[[int, torch.Tensor], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> CalibrationResult:
     """Collect per-Linear input statistics, one decoder layer at a time.
 
@@ -158,6 +162,10 @@ def calibrate(
     replace them by their dequantized FP4 values); with `sequential`, the next layer then sees
     the outputs of the changed layer. `keep_stats=False` drops each layer's statistics after
     the callback (Hessians of a large model do not fit in memory all at once).
+
+    Resuming: `start` layers are taken as done and `hidden` [n, L, H] as the hidden states
+    entering layer `start` (what `on_boundary(k, hidden)` was given after layer k-1, for every
+    k up to the number of layers). `on_progress(done, total)` counts finished layers.
     """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -168,9 +176,21 @@ def calibrate(
     hidden_size = model.config.get_text_config().hidden_size
     nbytes = n * seqlen * hidden_size * torch.finfo(dtype).bits // 8
     hidden_device = device if _fits_on_device(device, nbytes) else torch.device("cpu")
-    hidden, kwargs = _capture_inputs(model, layers, store, input_ids, batch_size, hidden_device)
+    first, kwargs = _capture_inputs(model, layers, store, input_ids, batch_size, hidden_device)
+    if hidden is None:
+        hidden = first
+    elif hidden.shape != first.shape or hidden.dtype != first.dtype:
+        raise ValueError(f"resumed hidden states {tuple(hidden.shape)} {hidden.dtype} do not "
+                         f"match the windows' {tuple(first.shape)} {first.dtype}")
+    else:
+        hidden = hidden.to(hidden_device)
+    del first
     result = CalibrationResult(lazy=store.lazy)
+    if on_progress is not None:
+        on_progress(start, len(layers))
     for i, layer in enumerate(layers):
+        if i < start:
+            continue
         name = f"{prefix}.{i}"
         store.load(name, layer)
         stats, handles = attach_stat_hooks(layer, name, hessian)
@@ -189,4 +209,8 @@ def calibrate(
             result.stats.update({k: s.to("cpu") for k, s in stats.items()})
         store.release(name, layer)
         hidden = out
+        if on_boundary is not None:
+            on_boundary(i + 1, hidden)
+        if on_progress is not None:
+            on_progress(i + 1, len(layers))
     return result

@@ -8,6 +8,7 @@ conversions) has each module moved to the device and back.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -97,6 +98,20 @@ class WeightStore:
                 self.release(name, mod, recurse=False)
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """transformers' own loading bar off while ours is on screen."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def open_model(
     model: str | Path | nn.Module, device: torch.device, dtype: torch.dtype
 ) -> tuple[nn.Module, WeightStore]:
@@ -115,5 +130,6 @@ def open_model(
     missing = [k for k, _ in meta.named_parameters() if k not in index and k not in tied]
     if not missing:
         return meta.eval(), WeightStore(meta, device, dtype, index)
-    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    with quiet_loading():
+        full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     return full.eval(), WeightStore(full, device, dtype)
