@@ -254,8 +254,10 @@ def _save_tokenizer(gguf: Path, folder: Path) -> bool:
 
 def dense_view(model_dir: Path) -> Path:
     """`model_dir`, or for a config with `quant_method: gguf` (dense weights that a GGUF load
-    left marked as quantized) a cached view of it: links to its files and a config.json without
-    that block, with `architectures` filled in from the model type when missing."""
+    left marked as quantized) a cached view of it: hard links to its files (copies across file
+    systems; symbolic links would leave the folder, which the containment rule refuses) and a
+    config.json without that block, with `architectures` filled in from the model type when
+    missing."""
     cfg_path = model_dir / "config.json"
     try:
         config = json.loads(cfg_path.read_text())
@@ -277,11 +279,21 @@ def dense_view(model_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{view.name}-", dir=_mkdir(view.parent)))
     for p in model_dir.iterdir():
         if p.name != "config.json" and not p.name.startswith("."):
-            (tmp / p.name).symlink_to(p.resolve())
+            _link_or_copy(p.resolve(), tmp / p.name)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     shutil.rmtree(view, ignore_errors=True)
     os.replace(tmp, view)
     return view
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _mkdir(p: Path) -> Path:

@@ -180,10 +180,10 @@ def _start(out: Path, sig: str, overwrite: bool, n_shards: int) -> None:
 
 
 def _clear(tmp: Path, keep: set[str]) -> None:
-    """Remove everything in the partial folder but `keep` (and the state): leftovers of an
-    interrupted shard or finalize, redone by this run."""
+    """Remove everything in the partial folder but `keep` (and the state, calibration's
+    included): leftovers of an interrupted shard or finalize, redone by this run."""
     for p in tmp.iterdir():
-        if p.name in keep or p.name in (STATE_NAME, RECORDS):
+        if p.name in keep or p.name in (STATE_NAME, RECORDS, CALIB_STATE_DIR):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)

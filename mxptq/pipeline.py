@@ -377,11 +377,6 @@ class Start:
     prints: dict
     names: dict[str, str]
 
-    @property
-    def nothing_left(self) -> bool:
-        """No shard is left to quantize (calibration would be wasted)."""
-        return self.prep.finished or self.prep.complete or len(self.prep.done) == len(self.names)
-
 
 def start(plan: Plan, opts: RunOptions) -> Start:
     """Decide under the --out lock (the caller holds OutputLock(opts.out) until `run` returns):

@@ -201,7 +201,9 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
     try:
         with OutputLock(out):
             begun = start(plan, ropts)
-            if opts["calib"] and not begun.nothing_left:
+            if opts["calib"] and not (begun.prep.finished or begun.prep.complete):
+                # all shards done but not finalized: the saved calibration is reloaded (cheap)
+                # for the report
                 show = not as_json and console.is_terminal
                 ropts.calib = run_calibration(plan, opts, CalibRun(begun.prep.tmp, begun.sig,
                                                                    resume, console, show))

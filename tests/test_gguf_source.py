@@ -150,7 +150,7 @@ def test_quantize_a_gguf_file_with_generated_calibration(tiny_gguf, tmp_path):
                 "--calib-seqlen", "16", "--importance")
     assert r.exit_code == 0, r.output + r.stderr
     rep = json.loads((out / "mxptq_report.json").read_text())
-    assert rep["error"]["tensors"] == 14 and rep["calibration"]["source"] == "generate"
+    assert rep["quantization_error"]["tensors"] == 14 and rep["calibration"]["source"] == "generate"
     _quantized_loads(out)
 
 
