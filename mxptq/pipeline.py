@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from .checkpoint.report import write_report
-from .checkpoint.safetensors_io import INDEX_NAME, ShardWriter, read_tensor, write_index
+from .checkpoint.safetensors_io import INDEX_NAME, ShardWriter, write_index
 from .errors import MxptqError
 from .plan import Item, Plan
 from .tensor import QuantizedTensor, dequantize, quantize_tensor
@@ -212,10 +212,11 @@ class Quantizer:
 
 
 def _reader(plan: Plan, shards: list[Path], q: queue.Queue, stop: threading.Event,
-            pin: bool) -> None:
+            pin: bool, device: torch.device) -> None:
     """Produce bundles shard by shard, in plan order, their tensors read by a small thread pool
-    (the bounded queue limits what is in flight); partners in other shards contribute only
-    their amax."""
+    (the bounded queue limits what is in flight) and decoded to true values when the source
+    stores them quantized (`plan.source`, on the GPU when there is one); partners in other
+    shards contribute only their amax."""
     by_shard = plan.by_shard()
     where = {it.name: it for it in plan.items}
     pool = ThreadPoolExecutor(max_workers=_READ_THREADS, thread_name_prefix="mxptq-read")
@@ -238,13 +239,15 @@ def _reader(plan: Plan, shards: list[Path], q: queue.Queue, stop: threading.Even
                         if m.info.shard != shard.name:
                             pfd = os.open(plan.model_dir / m.info.shard, os.O_RDONLY)
                             try:
-                                a = float(read_tensor(pfd, m.info).abs().amax().float())
+                                a = float(plan.source.read(pfd, m.info, device=device)
+                                          .abs().amax().float())
                             finally:
                                 os.close(pfd)
                             amax = a if amax is None else max(amax, a)
                 done.update(m.name for m in members)
                 on_gpu = pin and it.action == "quantize"
-                futs = [pool.submit(read_tensor, fd, m.info, on_gpu) for m in members]
+                futs = [pool.submit(plan.source.read, fd, m.info, on_gpu, device,
+                                    m.action == "keep") for m in members]
                 q.put(_Bundle(members, futs, amax))
             q.put(shard.name)
         q.put(None)
@@ -343,7 +346,8 @@ def run(
     q: queue.Queue = queue.Queue(maxsize=_PREFETCH_BUNDLES)
     stop = threading.Event()
     pin = device.type == "cuda"
-    reader = threading.Thread(target=_reader, args=(plan, todo, q, stop, pin), daemon=True)
+    reader = threading.Thread(target=_reader, args=(plan, todo, q, stop, pin, device),
+                              daemon=True)
     writer = _Writer(plan, tmp, names, state)
     reader.start()
     writer.start()
@@ -379,7 +383,7 @@ def run(
                     writer.send("put", name, t)
                 stats.extend(s)
             if on_progress:
-                on_progress(len(b.items), sum(it.info.nbytes for it in b.items))
+                on_progress(len(b.items), sum(plan.source.nbytes(it.info) for it in b.items))
         writer.flush()
     except BaseException as e:
         stop.set()

@@ -11,9 +11,11 @@ from pathlib import Path
 
 from .checkpoint.dialects import Dialect
 from .checkpoint.safetensors_io import TensorInfo, list_shards, read_header
+from .checkpoint.sources import Source, open_source
 from .errors import MxptqError
 from .formats import Format
-from .skeleton import Skeleton, load_skeleton
+from .name_plan import skeleton_from_names
+from .skeleton import ModelClassUnavailable, Skeleton, load_skeleton
 
 # Projections that serving stacks fuse and that must therefore share one global scale
 # (formats.md §2.6): attention q/k/v, MLP gate/up, Mixtral w1/w3, MLA, BERT query/key/value.
@@ -58,6 +60,13 @@ class Plan:
     ignore: list[str]  # Linear modules left dense, as written into the config
     groups: dict[str, list[str]]  # group -> input tensor names
     w4a4: bool = False  # also write each quantized Linear's static activation global scale
+    source: Source = field(default_factory=Source)  # how the input stores (and decodes) weights
+    planned_from: str = ""  # "model class X", or "tensor names" (`name_plan`)
+    names_reason: str = ""  # why transformers could not build the model class
+
+    @property
+    def name_based(self) -> bool:
+        return self.planned_from == "tensor names"
 
     def by_shard(self) -> dict[str, list[Item]]:
         out: dict[str, list[Item]] = defaultdict(list)
@@ -96,10 +105,14 @@ class Plan:
             "keep": c["keep"],
             "fused_groups": len(self.groups),
             "shards": len(self.shards),
-            "bytes_in": sum(it.info.nbytes for it in self.items),
+            "bytes_in": sum(self.source.nbytes(it.info) for it in self.items),
             "bytes_out": sum(self.bytes_out(it) for it in self.items),
             "kept_reasons": dict(reasons.most_common()),
             "ignore": self.ignore,
+            "source": self.source.describe,
+            "dropped_source_tensors": len(self.source.dropped),
+            "planned_from": self.planned_from
+            + (f" ({self.names_reason})" if self.names_reason else ""),
         }
 
 
@@ -114,9 +127,9 @@ def matches(patterns: list[str], name: str) -> bool:
     return False
 
 
-def _fused_group(module: str) -> str | None:
+def _fused_group(module: str, sets=FUSED_SETS) -> str | None:
     parent, _, leaf = module.rpartition(".")
-    for fs in FUSED_SETS:
+    for fs in sets:
         if leaf in fs:
             return f"{parent}.{'+'.join(fs)}"
     return None
@@ -188,7 +201,8 @@ def classify(info: TensorInfo, sk: Skeleton, fmt, ignore, quantize_lm_head) -> I
 
 
 def _settle_groups(items: list[Item]) -> dict[str, list[str]]:
-    """All members of a fused set are quantized or none (vLLM refuses mixed schemes)."""
+    """All members of a fused set are quantized or none (vLLM refuses mixed schemes); names
+    that match a set but do not share an input width are not fused."""
     members: dict[str, list[Item]] = defaultdict(list)
     for it in items:
         if it.group:
@@ -197,9 +211,12 @@ def _settle_groups(items: list[Item]) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
     for g, its in members.items():
         parent = g.rpartition(".")[0]
-        leaves = next(fs for fs in FUSED_SETS if "+".join(fs) == g.rpartition(".")[2])
+        leaves = g.rpartition(".")[2].split("+")
         blocked = [f"{parent}.{x}" for x in leaves if f"{parent}.{x}" in kept_modules]
-        if blocked:
+        if len({it.info.shape[-1] for it in its}) > 1:
+            for it in its:
+                it.group = None
+        elif blocked:
             for it in its:
                 it.action, it.reason, it.group = "keep", f"fused partner {blocked[0]} kept", None
         elif len(its) == 1:
@@ -217,21 +234,37 @@ def build_plan(
     ignore: list[str] | None = None,
     quantize_lm_head: bool = False,
     w4a4: bool = False,
+    fused_sets: list[tuple[str, ...]] | None = None,
 ) -> Plan:
-    """Read headers and config only; decide everything; raise MxptqError on what cannot work."""
+    """Read headers and config only; decide everything; raise MxptqError on what cannot work.
+    The model's structure comes from its class (transformers, on the meta device) or, when
+    transformers cannot build it, from the tensor names (`name_plan`). `fused_sets` replaces
+    the FUSED_SETS table."""
     dialect.check(fmt)
     if w4a4:
         dialect.check_w4a4(fmt)
     ignore = list(ignore or [])
     shards = list_shards(model_dir)
-    infos = read_tensors(shards)
-    sk = load_skeleton(model_dir)
+    source = open_source(model_dir, read_tensors(shards))
+    infos = source.tensors
+    reason = ""
+    try:
+        sk = load_skeleton(model_dir)
+        planned_from = f"model class {sk.model_class}"
+    except ModelClassUnavailable as e:
+        sk = skeleton_from_names(infos, model_dir)
+        planned_from, reason = "tensor names", str(e)
     items = [classify(i, sk, fmt, ignore, quantize_lm_head) for i in infos]
+    if fused_sets:
+        for it in items:
+            if it.action == "quantize" and it.layout is None:
+                it.group = _fused_group(it.modules[0], tuple(fused_sets))
     groups = _settle_groups(items)
     kept_linear = _dense_linears(items, sk)
     if not any(it.action == "quantize" for it in items):
         raise MxptqError(f"{model_dir}: no Linear weight can be quantized with {fmt.name}")
-    return Plan(model_dir, shards, items, fmt, scale, dialect, kept_linear, groups, w4a4)
+    return Plan(model_dir, shards, items, fmt, scale, dialect, kept_linear, groups, w4a4, source,
+                planned_from, reason)
 
 
 def _dense_linears(items: list[Item], sk: Skeleton) -> list[str]:
