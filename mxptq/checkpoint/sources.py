@@ -182,7 +182,7 @@ class Source:
 
 
 def _fail(info: TensorInfo, why: str) -> MxptqError:
-    return MxptqError(f"tensor {info.name} ({info.shard}): {why}; the input is left as it is")
+    return MxptqError(f"tensor {info.name} ({info.shard}): {why}")
 
 
 def _shape(t: TensorInfo) -> str:
@@ -199,9 +199,6 @@ class _Claims:
         self.logical: dict[str, TensorInfo] = {}  # keyed by the physical tensor it replaces
         self.used: set[str] = set()
         self.dropped: list[str] = []
-
-    def get(self, name: str) -> TensorInfo | None:
-        return self.by_name.get(name)
 
     def need(self, owner: TensorInfo, name: str, what: str) -> TensorInfo:
         t = self.by_name.get(name)
