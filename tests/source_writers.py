@@ -190,24 +190,31 @@ def _is_linear(name: str, t: torch.Tensor) -> bool:
 def make_fp8_block(tmp: Path, arch: str = "deepseek_v3", block=(16, 24)) -> Pair:
     """quant_method fp8 with weight_block_size (DeepSeek-V3 / Kimi-K2 / Qwen3-FP8): every
     projection E4M3 + fp32 `weight_scale_inv`; router, norms, embeddings, head stay bf16. One
-    scale is stored in another shard than its weight."""
+    scale is stored in another shard than its weight. `block=None`: the per-tensor variant
+    (vLLM Fp8LinearMethod without block quantization: a one-element `weight_scale`)."""
     sd, cfg = tiny(arch, tmp)
     pair = Pair(tmp / "src", dict(cfg))
     phys = {}
+    suffix = "_scale_inv" if block else "_scale"
     for k, v in sd.items():
         if _is_linear(k, v):
-            q, s = fp8_block_encode(v, *block)
-            phys[k], phys[f"{k}_scale_inv"] = q, s
-            pair.decoded[k] = ct_fp8_decode(q, s, block_args(*block))
+            if block:
+                q, s = fp8_block_encode(v, *block)
+                pair.decoded[k] = ct_fp8_decode(q, s, block_args(*block))
+            else:
+                s = (v.abs().amax().float() / 448).reshape(1)
+                q = (v.float() / s).to(torch.float8_e4m3fn)
+                pair.decoded[k] = q.float() * s
+            phys[k], phys[f"{k}{suffix}"] = q, s
             pair.packed.add(k)
         else:
             phys[k] = pair.decoded[k] = v
     shard_of = _spread(list(phys))
     first = sorted(pair.packed)[0]
-    shard_of[f"{first}_scale_inv"] = (shard_of[first] + 1) % 3  # a scale in another shard
+    shard_of[f"{first}{suffix}"] = (shard_of[first] + 1) % 3  # a scale in another shard
     pair.shard_of = {k: shard_of[k] for k in pair.decoded}
     qc = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-          "weight_block_size": list(block)}
+          "weight_block_size": list(block) if block else None}
     save_sharded(pair.src, phys, dict(cfg, quantization_config=qc), shard_of)
     return pair
 
@@ -242,8 +249,9 @@ def make_ct_fp8(tmp: Path, strategy: str, arch: str = "llama") -> Pair:
 
 def make_modelopt_fp8(tmp: Path, algo: str = "FP8", arch: str = "llama") -> Pair:
     """ModelOpt FP8 export (export/quant_utils.py::to_quantized_weight, get_scaling_factor):
-    `weight` E4M3 = weight / weight_scale, `weight_scale` F32 = amax/448 (per tensor, or per
-    128x128 block for FP8_PB_WO), `input_scale` F32; hf_quant_config.json only (legacy)."""
+    `weight` E4M3 = weight / weight_scale, `weight_scale` F32 = amax/448 (per tensor, per
+    output channel [N] for FP8_PER_CHANNEL_PER_TOKEN, per 128x128 block for FP8_PB_WO),
+    `input_scale` F32; hf_quant_config.json only (legacy)."""
     sd, cfg = tiny(arch, tmp)
     pair = Pair(tmp / "src", dict(cfg))
     phys = {}
@@ -253,6 +261,10 @@ def make_modelopt_fp8(tmp: Path, algo: str = "FP8", arch: str = "llama") -> Pair
                 s = (v.abs().amax().float() / 448).reshape(())
                 q = (v.float() / s).to(torch.float8_e4m3fn)
                 pair.decoded[k] = q.float() * s  # from_quantized_weight, in fp32
+            elif algo == "FP8_PER_CHANNEL_PER_TOKEN":
+                s = v.abs().amax(dim=1).float() / 448  # [N]
+                q = (v.float() / s[:, None]).to(torch.float8_e4m3fn)
+                pair.decoded[k] = q.float() * s[:, None]
             else:
                 q, s = fp8_block_encode(v, 128, 128)
                 pair.decoded[k] = ct_fp8_decode(q, s, block_args(128, 128))
