@@ -112,6 +112,10 @@ def quantize_cmd(
         None, "--ignore", metavar="PATTERN", help="Keep matching Linear modules dense: a "
         "wildcard on the module name (e.g. '*.mlp.down_proj') or 're:REGEX'. Repeatable. "
         "(default: none)"),
+    fused_set: list[str] = typer.Option(  # noqa: B008
+        None, "--fused-set", metavar="LEAF,LEAF,...", help="Leaf names that share one global "
+        "scale, e.g. 'q_proj,k_proj,v_proj'. Repeatable; the sets given replace the built-in "
+        "table. (default: q/k/v, gate/up, w1/w3, q_a/kv_a, query/key/value)"),
     quantize_lm_head: bool = typer.Option(
         None, "--quantize-lm-head/--keep-lm-head", help="Quantize lm_head too. (default: keep "
         "it dense)"),
@@ -175,6 +179,7 @@ def quantize_cmd(
         "model": model, "format": format, "scale": scale, "out": out,
         "block-size": block_size, "dialect": dialect, "ignore": list(ignore or []),
         "quantize-lm-head": quantize_lm_head, "device": device,
+        "fused-set": list(fused_set or []),
         "calib": calib, "calib-samples": calib_samples, "calib-seqlen": calib_seqlen,
         "seed": seed, "importance": importance, "algo": algo, "gptq-scales": gptq_scales,
         "damp": damp, "act-order": act_order, "scheme": scheme,

@@ -25,7 +25,7 @@ from . import __version__
 from .checkpoint.durable import copy_atomic, event, fsync_dir, write_atomic
 from .checkpoint.manifest import write_manifest
 from .checkpoint.report import REPORT_NAME, write_report
-from .checkpoint.safetensors_io import ShardWriter, read_header_bytes, read_tensor, write_index
+from .checkpoint.safetensors_io import ShardWriter, read_header_bytes, write_index
 from .errors import MxptqError, ResumableError
 from .outdir import (
     OutputLock,
@@ -245,10 +245,11 @@ def _open_input(path: Path, prints: dict) -> int:
     return fd
 
 
-def _read_dense(fd: int, item: Item) -> torch.Tensor:
-    """A tensor kept as it is; NaN is refused here as it is in quantized ones (an Inf may be a
-    mask's -inf, so it passes)."""
-    t = read_tensor(fd, item.info)
+def _read_dense(plan: Plan, fd: int, item: Item, device: torch.device) -> torch.Tensor:
+    """A tensor kept dense (decoded to the model's dtype when the source stores it quantized);
+    NaN is refused here as it is in quantized ones (an Inf may be a mask's -inf, so it
+    passes)."""
+    t = plan.source.read(fd, item.info, False, device, True)
     if item.info.dtype in _FLOATS and t.numel() and bool(torch.isnan(t).any()):
         raise MxptqError(f"tensor {item.name} (kept dense: {item.reason}): "
                          f"{int(torch.isnan(t).sum())} NaN values")
@@ -256,10 +257,11 @@ def _read_dense(fd: int, item: Item) -> torch.Tensor:
 
 
 def _reader(plan: Plan, shards: list[Path], q: queue.Queue, stop: threading.Event,
-            pin: bool, prints: dict) -> None:
+            pin: bool, prints: dict, device: torch.device) -> None:
     """Produce bundles shard by shard, in plan order, their tensors read by a small thread pool
-    (the bounded queue limits what is in flight); partners in other shards contribute only
-    their amax."""
+    (the bounded queue limits what is in flight) and decoded to true values when the source
+    stores them quantized (`plan.source`, on the GPU when there is one); partners in other
+    shards contribute only their amax."""
     by_shard = plan.by_shard()
     where = {it.name: it for it in plan.items}
     pool = ThreadPoolExecutor(max_workers=_READ_THREADS, thread_name_prefix="mxptq-read")
@@ -282,15 +284,16 @@ def _reader(plan: Plan, shards: list[Path], q: queue.Queue, stop: threading.Even
                         if m.info.shard != shard.name:
                             pfd = _open_input(plan.model_dir / m.info.shard, prints)
                             try:
-                                a = float(read_tensor(pfd, m.info).abs().amax().float())
+                                a = float(plan.source.read(pfd, m.info, device=device)
+                                          .abs().amax().float())
                             finally:
                                 os.close(pfd)
                             amax = a if amax is None else max(amax, a)
                 done.update(m.name for m in members)
-                if it.action == "keep":
-                    futs = [pool.submit(_read_dense, fd, it)]
-                else:
-                    futs = [pool.submit(read_tensor, fd, m.info, pin) for m in members]
+                on_gpu = pin and it.action == "quantize"
+                futs = [pool.submit(_read_dense, plan, fd, m, device) if m.action == "keep"
+                        else pool.submit(plan.source.read, fd, m.info, on_gpu, device)
+                        for m in members]
                 q.put(_Bundle(members, futs, amax))
             q.put(shard.name)
         q.put(None)
@@ -441,7 +444,7 @@ def _stream(plan, opts, device, tmp, names, todo, prints, on_progress) -> dict[s
     q: queue.Queue = queue.Queue(maxsize=_PREFETCH_BUNDLES)
     stop = threading.Event()
     pin = device.type == "cuda"
-    reader = threading.Thread(target=_reader, args=(plan, todo, q, stop, pin, prints),
+    reader = threading.Thread(target=_reader, args=(plan, todo, q, stop, pin, prints, device),
                               daemon=True)
     writer = _Writer(plan, tmp, names)
     reader.start()
@@ -473,7 +476,7 @@ def _stream(plan, opts, device, tmp, names, todo, prints, on_progress) -> dict[s
                     writer.send("put", name, t)
                 stats.extend(s)
             if on_progress:
-                on_progress(len(b.items), sum(it.info.nbytes for it in b.items))
+                on_progress(len(b.items), sum(plan.source.nbytes(it.info) for it in b.items))
         writer.flush()
     except BaseException:
         stop.set()

@@ -13,9 +13,11 @@ from pathlib import Path
 from .checkpoint import engines
 from .checkpoint.dialects import Dialect
 from .checkpoint.safetensors_io import TensorInfo, list_shards, read_header
+from .checkpoint.sources import Source, open_source
 from .errors import MxptqError
 from .formats import Format
-from .skeleton import Skeleton, load_skeleton
+from .name_plan import skeleton_from_names
+from .skeleton import ModelClassUnavailable, Skeleton, load_skeleton
 
 # Projections that serving stacks fuse and that must therefore share one global scale
 # (llm-compressor observers/helpers.py FUSED_LAYER_NAMES): attention q/k/v, MLP gate/up,
@@ -62,6 +64,13 @@ class Plan:
     w4a4: bool = False  # also write each quantized Linear's static activation global scale
     targets: list[str] = field(default_factory=lambda: ["Linear"])  # compressed-tensors targets
     layout: engines.Layout = field(default_factory=engines.Layout)  # what the output holds
+    source: Source = field(default_factory=Source)  # how the input stores (and decodes) weights
+    planned_from: str = ""  # "model class X", or "tensor names" (`name_plan`)
+    names_reason: str = ""  # why transformers could not build the model class
+
+    @property
+    def name_based(self) -> bool:
+        return self.planned_from == "tensor names"
 
     def by_shard(self) -> dict[str, list[Item]]:
         out: dict[str, list[Item]] = defaultdict(list)
@@ -100,10 +109,14 @@ class Plan:
             "keep": c["keep"],
             "fused_groups": len(self.groups),
             "shards": len(self.shards),
-            "bytes_in": sum(it.info.nbytes for it in self.items),
+            "bytes_in": sum(self.source.nbytes(it.info) for it in self.items),
             "bytes_out": sum(self.bytes_out(it) for it in self.items),
             "kept_reasons": dict(reasons.most_common()),
             "ignore": self.ignore,
+            "source": self.source.describe,
+            "dropped_source_tensors": len(self.source.dropped),
+            "planned_from": self.planned_from
+            + (f" ({self.names_reason})" if self.names_reason else ""),
         }
 
 
@@ -118,9 +131,9 @@ def matches(patterns: list[str], name: str) -> bool:
     return False
 
 
-def _fused_group(module: str) -> str | None:
+def _fused_group(module: str, sets=FUSED_SETS) -> str | None:
     parent, _, leaf = module.rpartition(".")
-    for fs in FUSED_SETS:
+    for fs in sets:
         if leaf in fs:
             return f"{parent}.{'+'.join(fs)}"
     return None
@@ -230,7 +243,8 @@ def _settle_experts(items: list[Item], sk: Skeleton) -> None:
 
 
 def _settle_groups(items: list[Item]) -> dict[str, list[str]]:
-    """All members of a fused set are quantized or none (vLLM refuses mixed schemes)."""
+    """All members of a fused set are quantized or none (vLLM refuses mixed schemes); names
+    that match a set but do not share an input width are not fused."""
     members: dict[str, list[Item]] = defaultdict(list)
     for it in items:
         if it.group:
@@ -239,9 +253,12 @@ def _settle_groups(items: list[Item]) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
     for g, its in members.items():
         parent = g.rpartition(".")[0]
-        leaves = next(fs for fs in FUSED_SETS if "+".join(fs) == g.rpartition(".")[2])
+        leaves = g.rpartition(".")[2].split("+")
         blocked = [f"{parent}.{x}" for x in leaves if f"{parent}.{x}" in kept_modules]
-        if blocked:
+        if len({it.info.shape[-1] for it in its}) > 1:
+            for it in its:
+                it.group = None
+        elif blocked:
             for it in its:
                 it.action, it.reason, it.group = "keep", f"fused partner {blocked[0]} kept", None
         elif len(its) == 1:
@@ -259,17 +276,32 @@ def build_plan(
     ignore: list[str] | None = None,
     quantize_lm_head: bool = False,
     w4a4: bool = False,
+    fused_sets: list[tuple[str, ...]] | None = None,
 ) -> Plan:
-    """Read headers and config only; decide everything; raise MxptqError on what cannot work."""
+    """Read headers and config only; decide everything; raise MxptqError on what cannot work.
+    The model's structure comes from its class (transformers, on the meta device) or, when
+    transformers cannot build it, from the tensor names (`name_plan`). `fused_sets` replaces
+    the FUSED_SETS table."""
     dialect.check(fmt)
     if w4a4:
         dialect.check_w4a4(fmt)
     ignore = list(ignore or [])
     shards = list_shards(model_dir)
-    infos = read_tensors(shards)
-    sk = load_skeleton(model_dir)
+    source = open_source(model_dir, read_tensors(shards))
+    infos = source.tensors
+    reason = ""
+    try:
+        sk = load_skeleton(model_dir)
+        planned_from = f"model class {sk.model_class}"
+    except ModelClassUnavailable as e:
+        sk = skeleton_from_names(infos, model_dir)
+        planned_from, reason = "tensor names", str(e)
     containers = _containers(infos, sk)
     items = [classify(i, sk, fmt, ignore, quantize_lm_head, containers) for i in infos]
+    if fused_sets:
+        for it in items:
+            if it.action == "quantize" and it.layout is None:
+                it.group = _fused_group(it.modules[0], tuple(fused_sets))
     _settle_experts(items, sk)
     groups = _settle_groups(items)
     if not any(it.action == "quantize" for it in items):
@@ -277,7 +309,7 @@ def build_plan(
     layout, absent = _layout(model_dir, items, sk, w4a4)
     return Plan(model_dir, shards, items, fmt, scale, dialect,
                 engines.ignore_list(layout, absent), groups, w4a4,
-                engines.targets(layout), layout)
+                engines.targets(layout), layout, source, planned_from, reason)
 
 
 def _containers(infos: list[TensorInfo], sk: Skeleton) -> set[str]:

@@ -115,12 +115,58 @@ def check_calibration(opts: dict) -> None:
         get_dialect(opts["dialect"]).check_w4a4(opts["fmt"])
 
 
+def fused_sets(value) -> list[tuple[str, ...]] | None:
+    """--fused-set / recipe `fused-set`: each set as "a,b,c" or a list of leaf names; the sets
+    given replace the built-in table (None: keep it)."""
+    if not value:
+        return None
+    out = []
+    for v in value if isinstance(value, list) else [value]:
+        names = v.split(",") if isinstance(v, str) else v
+        names = tuple(str(n).strip() for n in names if str(n).strip())
+        if len(names) < 2 or any(not re.fullmatch(r"\w+", n) for n in names):
+            raise MxptqError(f"--fused-set {v!r}: give two or more module leaf names, e.g. "
+                             "q_proj,k_proj,v_proj")
+        out.append(names)
+    return out
+
+
+def check_calibration_source(plan: Plan, opts: dict) -> None:
+    """Calibration runs the model class on the source's stored weights: both must be there."""
+    if not opts["calib"]:
+        return
+    if plan.name_based:
+        raise MxptqError(f"--calib needs the model class, and {plan.names_reason}; "
+                         "quantize without calibration flags (RTN)")
+    if plan.source.name != "dense":
+        raise MxptqError(f"--calib reads dense weights, and the source stores "
+                         f"{plan.source.describe}; quantize without calibration flags (RTN)")
+
+
+def name_table(plan: Plan) -> Table:
+    """The name-based plan per pattern, layer and expert indices collapsed."""
+    from .name_plan import collapse
+
+    t = Table(title="name-based plan (indices as *)")
+    t.add_column("tensor", overflow="fold")
+    t.add_column("count", justify="right")
+    t.add_column("shape")
+    t.add_column("decision")
+    for pat, n, shape, what in sorted(collapse(plan.items)):
+        t.add_row(pat, str(n), shape, what)
+    return t
+
+
 def plan_table(plan: Plan) -> Table:
     s = plan.summary()
     t = Table(title=f"plan: {plan.model_dir.name} -> {plan.fmt.name} / {plan.scale} / "
               f"{plan.dialect.name} (block {plan.fmt.block_size})")
     t.add_column("what")
     t.add_column("count", justify="right")
+    t.add_row("planned from", s["planned_from"])
+    t.add_row("source weights", s["source"])
+    if s["dropped_source_tensors"]:
+        t.add_row("source activation / KV-cache scales dropped", str(s["dropped_source_tensors"]))
     t.add_row("input shards", str(s["shards"]))
     t.add_row("tensors", str(s["tensors"]))
     t.add_row("quantize", str(s["quantize"]))
@@ -173,13 +219,19 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
     plan = build_plan(
         model_dir, opts["fmt"], opts["scale"], get_dialect(opts["dialect"]),
         opts["ignore"], bool(opts["quantize-lm-head"]), opts["scheme"] == "w4a4",
+        fused_sets(opts["fused-set"]),
     )
+    check_calibration_source(plan, opts)
     missing = missing_linears(plan)
     if missing:
         raise MxptqError(f"{model_dir}: the model has {len(missing)} Linear layers the checkpoint "
                          f"holds no weight for (e.g. {missing[0]}); it is incomplete")
     side = side_files(model_dir)
     console.print(plan_table(plan))
+    if plan.name_based:
+        console.print(f"note: the plan comes from tensor names: {plan.names_reason} "
+                      "(docs/quantize.md, \"Name-based plan\")")
+        console.print(name_table(plan))
     for note in side[1]:
         console.print(f"note: {note}")
     if dry_run:
@@ -189,7 +241,7 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
                               "plan": plan.summary()}, indent=2))
         return
     flags = {k: opts[k] for k in ("format", "scale", "block-size", "dialect", "ignore",
-                                  "quantize-lm-head", "device", *CALIB_KEYS)}
+                                  "quantize-lm-head", "device", "fused-set", *CALIB_KEYS)}
     flags["model"] = str(opts["model"])
     if opts["calib"] and Path(opts["calib"]).is_file():  # --resume must see the same text
         flags["calib-sha256"] = _file_sha256(Path(opts["calib"]))

@@ -16,6 +16,7 @@ DEFAULTS: dict = {
     "dialect": None,  # compressed-tensors where it can express the format, else native
     "ignore": [],
     "quantize-lm-head": False,
+    "fused-set": [],  # replaces the built-in fused-set table (docs/quantize.md)
     "device": "auto",
     "model": None,
     "out": None,
@@ -49,7 +50,7 @@ def load_recipe(path: Path) -> dict:
         key = str(k).replace("_", "-")
         if key not in KEYS:
             raise MxptqError(f"--recipe {path}: unknown key {k!r} (known: {', '.join(KEYS)})")
-        if key == "ignore" and isinstance(v, str):
+        if key in ("ignore", "fused-set") and isinstance(v, str):
             v = [v]
         out[key] = v
     return out
@@ -60,6 +61,6 @@ def merge(recipe: dict, cli: dict) -> dict:
     opts = dict(DEFAULTS)
     opts.update(recipe)
     for k, v in cli.items():
-        if v is not None and not (k == "ignore" and not v):
+        if v is not None and not (k in ("ignore", "fused-set") and not v):
             opts[k] = v
     return opts

@@ -21,6 +21,11 @@ from pathlib import Path
 from .errors import MxptqError
 
 
+class ModelClassUnavailable(MxptqError):
+    """transformers cannot build the model (unknown model type, remote code, a newer
+    architecture than the installed version): the plan then comes from tensor names."""
+
+
 @dataclass
 class Skeleton:
     """Linear module names (model naming), fused-expert parameters with their layout, and the
@@ -72,6 +77,17 @@ def expert_layout(module, pname: str) -> str | None:
     return None
 
 
+def _why(version: str, raw: dict, e: Exception) -> str:
+    """One line on why transformers cannot read this config."""
+    msg, mt = str(e), raw.get("model_type")
+    if "trust_remote_code" in msg:
+        return f"model type {mt!r} needs remote code, which mxptq does not run"
+    if "does not recognize" in msg or isinstance(e, KeyError):
+        return f"transformers {version} does not know model type {mt!r}"
+    first = (msg.splitlines() or [type(e).__name__])[0][:160]
+    return f"transformers {version} cannot read the config of model type {mt!r} ({first})"
+
+
 def build_skeleton(model_dir: Path) -> Skeleton:
     """Instantiate the model class from config.json on the meta device and inspect it."""
     import torch
@@ -83,9 +99,13 @@ def build_skeleton(model_dir: Path) -> Skeleton:
         raise MxptqError(f"{model_dir}: no config.json")
     try:
         raw = json.loads(cfg_path.read_text())
-        config = transformers.AutoConfig.from_pretrained(model_dir)
-    except Exception as e:  # transformers raises ValueError/KeyError/OSError for bad configs
+    except (OSError, ValueError) as e:
         raise MxptqError(f"{cfg_path}: cannot read the model config ({e})") from e
+    try:
+        # never run, nor prompt about, a repository's own code
+        config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except Exception as e:  # transformers raises ValueError/KeyError/OSError for bad configs
+        raise ModelClassUnavailable(_why(transformers.__version__, raw, e)) from e
     classes = []
     for arch in raw.get("architectures") or []:
         if hasattr(transformers, arch):
@@ -107,8 +127,8 @@ def build_skeleton(model_dir: Path) -> Skeleton:
             except Exception:
                 model = None
     if model is None:
-        raise MxptqError(
-            f"{cfg_path}: transformers {transformers.__version__} cannot build model type "
+        raise ModelClassUnavailable(
+            f"transformers {transformers.__version__} cannot build model type "
             f"{raw.get('model_type')!r}"
         )
     prefix = getattr(model, "base_model_prefix", "") or ""
@@ -147,8 +167,9 @@ def _cache_key(config: bytes) -> str:
 
 
 def load_skeleton(model_dir: Path) -> Skeleton:
-    """build_skeleton, through the on-disk cache. A cache that cannot be read or written is
-    ignored (the skeleton is then built), never an error."""
+    """build_skeleton, through the on-disk cache (which also remembers that transformers cannot
+    build a config, so that a repeat run skips the attempt). A cache that cannot be read or
+    written is ignored (the skeleton is then built), never an error."""
     cfg_path = model_dir / "config.json"
     folder = cache_dir()
     if folder is None or not cfg_path.is_file():
@@ -156,15 +177,29 @@ def load_skeleton(model_dir: Path) -> Skeleton:
     path = folder / f"skeleton-{_cache_key(cfg_path.read_bytes())}.json"
     try:
         raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raw = None
+    if isinstance(raw, dict) and isinstance(raw.get("unavailable"), str):
+        raise ModelClassUnavailable(raw["unavailable"])
+    try:
         return Skeleton(
             linears=set(raw["linears"]), experts=dict(raw["experts"]),
             expert_modules=set(raw["expert_modules"]), prefix=raw["prefix"],
             lm_head=set(raw["lm_head"]), model_class=raw["model_class"],
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         pass
-    sk = build_skeleton(model_dir)
-    data = {k: sorted(v) if isinstance(v, set) else v for k, v in asdict(sk).items()}
+    try:
+        sk = build_skeleton(model_dir)
+        data = {k: sorted(v) if isinstance(v, set) else v for k, v in asdict(sk).items()}
+    except ModelClassUnavailable as e:
+        _store(folder, path, {"unavailable": str(e)})
+        raise
+    _store(folder, path, data)
+    return sk
+
+
+def _store(folder: Path, path: Path, data: dict) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -172,4 +207,3 @@ def load_skeleton(model_dir: Path) -> Skeleton:
         tmp.replace(path)  # atomic: a concurrent reader sees no half-written file
     except OSError:
         pass
-    return sk
