@@ -41,7 +41,7 @@ import torch
 
 from ..errors import MxptqError
 from ..formats import Format, e2m1_decode, get_format, unpack_e2m1
-from .dialects import Native
+from .dialects import Native, is_native_config
 from .safetensors_io import TensorInfo, read_tensor
 
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
@@ -493,6 +493,8 @@ def open_source(model_dir: Path, infos: list[TensorInfo]) -> Source:
     only); raise MxptqError naming the tensor when they disagree."""
     cfg, qc = source_config(model_dir)
     method = (qc or {}).get("quant_method", "none") if qc else "none"
+    if is_native_config(qc):  # native version 2 names no quant_method (dialects.Native.config)
+        method = "mxptq"
     if isinstance(method, str) and method.startswith("modelopt"):
         method = "modelopt"
     if method != "none" and method not in _SOURCES:
