@@ -64,15 +64,112 @@ class _Scalar(ConversionOps):
         return {target_patterns[0]: 1.0 / t if self.invert else t}
 
 
-def _conversions(dialect: Dialect) -> list:
-    """Checkpoint tensor names -> PackedLinear buffers. Renames of dense keys (e.g. a kept
-    layer's ModelOpt-style `weight`) fall back to the original name because no buffer matches."""
+class _StackExperts(ConversionOps):
+    """Per-expert tensors (one list per source pattern, experts in order) stacked into a 3-D
+    buffer [E, rows, ...]; two sources (gate, up) are joined along the rows, gate first, as
+    transformers' gate_up_proj. With `scalar`, global scales ([1] or 0-d) become fp32 [E]
+    (`invert`: ModelOpt's stored 1/g)."""
+
+    def __init__(self, scalar: bool = False, invert: bool = False) -> None:
+        self.scalar, self.invert = scalar, invert
+
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        parts = []
+        for pattern in source_patterns:
+            tensors = input_dict.pop(pattern, None)
+            if tensors is None:
+                continue
+            if self.scalar:
+                t = torch.stack([v.reshape(()).float() for v in tensors])
+                parts.append(1.0 / t if self.invert else t)
+            else:
+                parts.append(torch.stack(tensors))
+        return {target_patterns[0]: parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)}
+
+
+def _expert_conversions(dialect: Dialect, experts: dict[str, tuple[str, str, str]]) -> list:
+    """Per-expert checkpoint tensors (`<ctx>.<e>.<gate|up|down leaf>.<tensor>`, after the codes
+    and scales renamings) -> the stacked buffers of PackedExperts at `<ctx>` ("mlp.experts")."""
+    out = []
+    for ctx, (gate, up, down) in sorted({_context(n): v for n, v in experts.items()}.items()):
+        for src, dst in (("codes", "codes"), ("scales", "scales")):
+            out.append(
+                WeightConverter(
+                    [f"{ctx}.*.{gate}.{src}", f"{ctx}.*.{up}.{src}"],
+                    f"{ctx}.gate_up_{dst}",
+                    [_StackExperts()],
+                )
+            )
+            out.append(
+                WeightConverter([f"{ctx}.*.{down}.{src}"], f"{ctx}.down_{dst}", [_StackExperts()])
+            )
+        op = _StackExperts(scalar=True, invert=dialect.global_is_decode)
+        for leaf, dst in ((gate, "gate_global"), (up, "up_global"), (down, "down_global")):
+            out.append(
+                WeightConverter([f"{ctx}.*.{leaf}.{dialect.global_name}"], f"{ctx}.{dst}", [op])
+            )
+    return out
+
+
+def _context(module: str) -> str:
+    """The last two parts of a module path ("mlp.experts"): what expert patterns match on."""
+    return ".".join(module.split(".")[-2:])
+
+
+def _conversions(dialect: Dialect, experts: dict[str, tuple[str, str, str]]) -> list:
+    """Checkpoint tensor names -> PackedLinear and PackedExperts buffers. Renames of dense keys
+    (e.g. a kept layer's ModelOpt-style `weight`) fall back to the original name because no
+    buffer matches. Expert converters come first: a key takes the first converter it matches."""
     return [
         WeightRenaming(dialect.codes_name, "codes"),
         WeightRenaming(dialect.scales_name, "scales"),
-        WeightConverter(dialect.global_name, "global_scale",
-                        [_Scalar(invert=dialect.global_is_decode)]),
+        *_expert_conversions(dialect, experts),
+        WeightConverter(
+            dialect.global_name, "global_scale", [_Scalar(invert=dialect.global_is_decode)]
+        ),
     ]
+
+
+_EXPERT_LEAVES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+def _packed_experts(model, packed: set[str]) -> dict[str, tuple[str, str, str]]:
+    """Fused-experts modules whose every expert projection the checkpoint stores packed:
+    module name -> the checkpoint's (gate, up, down) leaf names. Checkpoint names are first
+    put through the model's own renamings (e.g. Mixtral's `block_sparse_moe` -> `mlp`)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import rename_source_key
+
+    from .experts import fused_experts_shape
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    prefix = model.base_model_prefix
+    strip = re.compile(f"^{re.escape(prefix)}\\.") if prefix else None
+    names = set()
+    for name in packed:
+        renamed = rename_source_key(name, renamings, [])[0]
+        names.add(strip.sub("", renamed) if strip else renamed)
+    found = {}
+    for mname, mod in model.named_modules():
+        shape = fused_experts_shape(mod)
+        if shape is None:
+            continue
+        base = strip.sub("", mname) if strip else mname
+        pat = re.compile(f"^{re.escape(base)}\\.(\\d+)\\.(\\w+)$")
+        hits = {(int(m.group(1)), m.group(2)) for n in names if (m := pat.match(n))}
+        if not hits:
+            continue  # stored dense: transformers' own converters load it
+        e = shape[0]
+        for leaves in _EXPERT_LEAVES:
+            if hits == {(i, leaf) for i in range(e) for leaf in leaves}:
+                found[mname] = leaves
+                break
+        else:
+            raise MxptqError(
+                f"{mname}: the checkpoint stores {len(hits)} of its {3 * e} expert projections "
+                "packed; mxptq loads fused experts only when all of them are"
+            )
+    return found
 
 
 def quantized_modules(files: list[str | Path], marker: str) -> set[str]:
@@ -94,7 +191,8 @@ class PackedHfQuantizer(HfQuantizer):
     requires_calibration = True  # reads FP4 checkpoints; it does not quantize dense ones
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        from .linear import PackedLinear  # imports Triton: only once a model is loaded
+        from .experts import PackedExperts  # imports Triton: only once a model is loaded
+        from .linear import PackedLinear
 
         dialect = self.quantization_config.dialect()
         fmt = dialect.format_from_config(self.quantization_config.checkpoint)
@@ -107,20 +205,33 @@ class PackedHfQuantizer(HfQuantizer):
                 continue
             swapped += 1
             new = PackedLinear(
-                lin.in_features, lin.out_features, fmt, bias=lin.bias is not None,
-                dtype=lin.weight.dtype, device="meta",
+                lin.in_features,
+                lin.out_features,
+                fmt,
+                bias=lin.bias is not None,
+                dtype=lin.weight.dtype,
+                device="meta",
             )
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, new)
+        self._experts = _packed_experts(model, packed)
+        for name in self._experts:
+            old = model.get_submodule(name)
+            e, h, i = old.gate_up_proj.shape[0], old.down_proj.shape[1], old.down_proj.shape[2]
+            new = PackedExperts(e, h, i, old.act_fn, fmt, device="meta")
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+            swapped += 1
         if not swapped:  # loading on would leave every quantized layer randomly initialized
             raise MxptqError(
-                f"none of the checkpoint's {len(packed)} quantized modules is an nn.Linear of "
+                f"none of the checkpoint's {len(packed)} quantized modules is an nn.Linear or "
+                f"fused experts module of "
                 f"{type(model).__name__}; mxptq cannot load them packed"
             )
         return model
 
     def get_weight_conversions(self) -> list:
-        return _conversions(self.quantization_config.dialect())
+        return _conversions(self.quantization_config.dialect(), getattr(self, "_experts", {}))
 
     def is_serializable(self) -> bool:
         return False  # buffers are named codes/scales, not any dialect's names
@@ -128,6 +239,10 @@ class PackedHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True  # packed layers are custom operators: generate() may compile the model
 
 
 def _register() -> None:
