@@ -100,7 +100,7 @@ def test_moe_loads_packed_and_matches_dense(tmp_path, case):
     assert mem.bf16_bytes == 2 * 3 * 4 * COMMON["hidden_size"] * mod.intermediate_dim * 2
 
 
-def test_partially_packed_experts_are_refused():
+def test_partially_packed_or_unknown_experts_are_refused():
     cfg_cls, cls, extra = ARCHS["qwen3_moe"]
     with torch.device("meta"):
         model = cls(cfg_cls(**COMMON, **extra))
@@ -110,6 +110,9 @@ def test_partially_packed_experts_are_refused():
     assert _packed_experts(model, set()) == {}
     with pytest.raises(MxptqError, match="11 of its 12 expert projections"):
         _packed_experts(model, full - {"model.layers.1.mlp.experts.3.down_proj"})
+    model.model.layers[0].mlp.experts.is_transposed = True  # a layout PackedExperts lacks
+    with pytest.raises(MxptqError, match="Qwen3MoeExperts is not"):
+        _packed_experts(model, full)
 
 
 def _stack(e, n, k, fmt, seed):

@@ -2,7 +2,9 @@
 
 The module holds exactly the bytes of a QuantizedTensor (codes, block scales, global scale) as
 buffers and never stores a dense copy: on CUDA the fused Triton kernel dequantizes tiles in
-registers; elsewhere the torch path dequantizes a chunk of rows at a time for each call.
+registers (eager decode-sized calls through a launch bound once per input shape, so a call
+costs about what a bf16 nn.Linear call costs on the host); elsewhere the torch path
+dequantizes a chunk of rows at a time for each call.
 """
 
 from __future__ import annotations

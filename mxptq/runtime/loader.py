@@ -88,26 +88,27 @@ class _StackExperts(ConversionOps):
 
 
 def _expert_conversions(dialect: Dialect, experts: dict[str, tuple[str, str, str]]) -> list:
-    """Per-expert checkpoint tensors (`<ctx>.<e>.<gate|up|down leaf>.<tensor>`, after the codes
-    and scales renamings) -> the stacked buffers of PackedExperts at `<ctx>` ("mlp.experts")."""
+    """Per-expert checkpoint tensors (`<ctx>.<e>.<gate|up|down leaf>.<tensor>`, after the
+    renamings of `_conversions`) -> the stacked buffers of PackedExperts at `<ctx>`
+    ("mlp.experts")."""
     out = []
     for ctx, (gate, up, down) in sorted({_context(n): v for n, v in experts.items()}.items()):
-        for src, dst in (("codes", "codes"), ("scales", "scales")):
+        for name in ("codes", "scales"):
             out.append(
                 WeightConverter(
-                    [f"{ctx}.*.{gate}.{src}", f"{ctx}.*.{up}.{src}"],
-                    f"{ctx}.gate_up_{dst}",
+                    [f"{ctx}.*.{gate}.{name}$", f"{ctx}.*.{up}.{name}$"],
+                    f"{ctx}.gate_up_{name}",
                     [_StackExperts()],
                 )
             )
             out.append(
-                WeightConverter([f"{ctx}.*.{down}.{src}"], f"{ctx}.down_{dst}", [_StackExperts()])
+                WeightConverter(
+                    [f"{ctx}.*.{down}.{name}$"], f"{ctx}.down_{name}", [_StackExperts()]
+                )
             )
         op = _StackExperts(scalar=True, invert=dialect.global_is_decode)
         for leaf, dst in ((gate, "gate_global"), (up, "up_global"), (down, "down_global")):
-            out.append(
-                WeightConverter([f"{ctx}.*.{leaf}.{dialect.global_name}"], f"{ctx}.{dst}", [op])
-            )
+            out.append(WeightConverter([f"{ctx}.*.{leaf}.{_GLOBAL}$"], f"{ctx}.{dst}", [op]))
     return out
 
 
@@ -116,17 +117,24 @@ def _context(module: str) -> str:
     return ".".join(module.split(".")[-2:])
 
 
+# The stored global scale is first renamed to this name, so that no converter of the model
+# (e.g. `mlp.experts.*.gate_proj.weight`, which transformers 5.17 matches as a prefix of
+# `weight_global_scale`) takes it, then converted to `global_scale` or an expert stack.
+_GLOBAL = "mxptq_global"
+
+
 def _conversions(dialect: Dialect, experts: dict[str, tuple[str, str, str]]) -> list:
-    """Checkpoint tensor names -> PackedLinear and PackedExperts buffers. Renames of dense keys
-    (e.g. a kept layer's ModelOpt-style `weight`) fall back to the original name because no
-    buffer matches. Expert converters come first: a key takes the first converter it matches."""
+    """Checkpoint tensor names -> PackedLinear and PackedExperts buffers. Patterns are anchored
+    at the name's end (`weight_scale` must not match ModelOpt's `weight_scale_2`, whatever
+    boundary rule the transformers release applies). Renames of dense keys (e.g. a kept layer's
+    ModelOpt-style `weight`) fall back to the original name because no buffer matches. Expert
+    converters come first: a key takes the first converter it matches."""
     return [
-        WeightRenaming(dialect.codes_name, "codes"),
-        WeightRenaming(dialect.scales_name, "scales"),
+        WeightRenaming(f"{dialect.codes_name}$", "codes"),
+        WeightRenaming(f"{dialect.scales_name}$", "scales"),
+        WeightRenaming(f"{dialect.global_name}$", _GLOBAL),
         *_expert_conversions(dialect, experts),
-        WeightConverter(
-            dialect.global_name, "global_scale", [_Scalar(invert=dialect.global_is_decode)]
-        ),
+        WeightConverter(f"{_GLOBAL}$", "global_scale", [_Scalar(invert=dialect.global_is_decode)]),
     ]
 
 
@@ -151,14 +159,20 @@ def _packed_experts(model, packed: set[str]) -> dict[str, tuple[str, str, str]]:
         names.add(strip.sub("", renamed) if strip else renamed)
     found = {}
     for mname, mod in model.named_modules():
-        shape = fused_experts_shape(mod)
-        if shape is None:
+        if not any(p.dim() == 3 for p in mod.parameters(recurse=False)):
             continue
         base = strip.sub("", mname) if strip else mname
         pat = re.compile(f"^{re.escape(base)}\\.(\\d+)\\.(\\w+)$")
         hits = {(int(m.group(1)), m.group(2)) for n in names if (m := pat.match(n))}
         if not hits:
             continue  # stored dense: transformers' own converters load it
+        shape = fused_experts_shape(mod)
+        if shape is None:
+            raise MxptqError(
+                f"{mname}: the checkpoint stores its experts packed, but mxptq runs packed only "
+                f"fused experts computed as act(x·gate) * (x·up) then ·down with [E, out, in] "
+                f"weights and no bias ({type(mod).__name__} is not)"
+            )
         e = shape[0]
         for leaves in _EXPERT_LEAVES:
             if hits == {(i, leaf) for i in range(e) for leaf in leaves}:
