@@ -27,90 +27,18 @@ with deeper pipelines for the compute-bound large-M case.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from . import gemv as _gemv
+from .fp4_codes import INTERPRET, USE_ASM, decode_bytes, e2m1_times_2pow_m14, scale_times_2pow14
+from .launch import Call, Launcher, bench_graph, check_direct
+from .splitk import counters, split_k_sum, workspace
+
 SMALL_M_MAX = 64  # M at or under this uses the skinny launcher
-# Inline-PTX nibble decoding in compiled kernels; the interpreter runs the plain-Triton formula.
-USE_ASM = not _INTERPRET
-
-
-@triton.jit
-def _e2m1_times_2pow_m14(c):
-    """fp16 holding E2M1(c)·2^-14 for codes c (uint16, 0..15): a bit move, no table."""
-    bits = ((c & 7) << 9) | ((c & 8) << 12)
-    return bits.to(tl.float16, bitcast=True)
-
-
-# PTX for `_decode_bytes` on the GPU: 4 code bytes (one 32-bit register) -> 8 fp32 values.
-# Each 16-bit half of r holds two bytes; shifting r moves one nibble of each half into the fp16
-# bit positions at once (magnitude bits to 9..11, sign bit to 15), so one shift/mask/or makes
-# an fp16 pair (two weights), and cvt.f32.f16 unpacks it (exact, subnormals included).
-# Outputs $0..$3: low nibbles of bytes 0..3; $4..$7: high nibbles; $8: the 4 bytes.
-_DECODE_ASM = tl.constexpr("""
-{
-.reg .b32 t<2>, h<4>;
-.reg .b16 l, u;
-shl.b32 t0, $8, 9;
-shl.b32 t1, $8, 12;
-and.b32 t0, t0, 0x0E000E00;
-and.b32 t1, t1, 0x80008000;
-or.b32 h0, t0, t1;
-shl.b32 t0, $8, 5;
-shl.b32 t1, $8, 8;
-and.b32 t0, t0, 0x0E000E00;
-and.b32 t1, t1, 0x80008000;
-or.b32 h1, t0, t1;
-shl.b32 t0, $8, 1;
-shl.b32 t1, $8, 4;
-and.b32 t0, t0, 0x0E000E00;
-and.b32 t1, t1, 0x80008000;
-or.b32 h2, t0, t1;
-shr.b32 t0, $8, 3;
-and.b32 t0, t0, 0x0E000E00;
-and.b32 t1, $8, 0x80008000;
-or.b32 h3, t0, t1;
-mov.b32 {l, u}, h0;
-cvt.f32.f16 $0, l;
-cvt.f32.f16 $2, u;
-mov.b32 {l, u}, h2;
-cvt.f32.f16 $1, l;
-cvt.f32.f16 $3, u;
-mov.b32 {l, u}, h1;
-cvt.f32.f16 $4, l;
-cvt.f32.f16 $6, u;
-mov.b32 {l, u}, h3;
-cvt.f32.f16 $5, l;
-cvt.f32.f16 $7, u;
-}
-""")
-
-
-@triton.jit
-def _decode_bytes(c, USE_ASM: tl.constexpr):
-    """Code bytes (uint8) -> (low nibble, high nibble) as fp32 E2M1·2^-14 each.
-
-    USE_ASM (compiled GPU code): two weights per integer instruction (`_DECODE_ASM`);
-    otherwise (and in the interpreter) the same bit move one nibble at a time."""
-    if USE_ASM:
-        lo, hi = tl.inline_asm_elementwise(
-            _DECODE_ASM,
-            "=r,=r,=r,=r,=r,=r,=r,=r,r",
-            [c],
-            dtype=(tl.float32, tl.float32),
-            is_pure=True,
-            pack=4,
-        )
-    else:
-        c16 = c.to(tl.uint16)
-        lo = _e2m1_times_2pow_m14(c16 & 15).to(tl.float32)
-        hi = _e2m1_times_2pow_m14(c16 >> 4).to(tl.float32)
-    return lo, hi
 
 
 # bf16 "pairs" decoding (bf16 activations, scale codecs with a mantissa, B >= 8): weights leave
@@ -154,7 +82,7 @@ mov.b32 {{${2 * j}, ${2 * j + 1}}}, r;
 def _nibble(q, i: tl.constexpr, f):
     """bf16 weight i of each word q (int32): E2M1(nibble i)·f, f = S·2^(PAIR_SHIFT - 126)."""
     c = ((q >> (4 * i)) & 15).to(tl.uint16)
-    return (_e2m1_times_2pow_m14(c).to(tl.float32) * f).to(tl.bfloat16)
+    return (e2m1_times_2pow_m14(c).to(tl.float32) * f).to(tl.bfloat16)
 
 
 @triton.jit
@@ -250,23 +178,6 @@ def _scale_pairs(code, BIAS: tl.constexpr, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _scale_times_2pow14(code, MAN: tl.constexpr, BIAS: tl.constexpr):
-    """Block-scale codes (int32) to fp32 value·2^14, from exponent bits.
-
-    E8M0 (MAN == 0) is 2^(c-127+14): exact for codes <= 240 (scales up to 2^113); larger
-    codes read as +Inf. Minifloats are mantissa·2^(max(e, 1) - BIAS - MAN + 14), subnormals
-    included.
-    """
-    if MAN == 0:
-        return (tl.minimum(code + 14, 255) << 23).to(tl.float32, bitcast=True)
-    e = code >> MAN
-    m = code & ((1 << MAN) - 1)
-    mant = tl.where(e > 0, m + (1 << MAN), m).to(tl.float32)
-    p2 = ((tl.maximum(e, 1) + (127 + 14 - BIAS - MAN)) << 23).to(tl.float32, bitcast=True)
-    return mant * p2
-
-
-@triton.jit
 def _dot(w, xt, acc, DOT_BF16: tl.constexpr):
     """acc += w · xt in bf16 (bf16 activations) or fp32/tf32 (fp16 and fp32 activations)."""
     if DOT_BF16:
@@ -277,11 +188,11 @@ def _dot(w, xt, acc, DOT_BF16: tl.constexpr):
 @triton.jit
 def _fp4_gemm_kernel(
     x_ptr,
+    out_ptr,
     codes_ptr,
     scales_ptr,
     g_ptr,
     bias_ptr,
-    out_ptr,
     ws_ptr,
     cnt_ptr,
     M,
@@ -344,16 +255,16 @@ def _fp4_gemm_kernel(
             w = _decode_words(tl.load(c_ptrs), tl.reshape(s, (BLOCK_N, BLOCK_K // 8)), USE_ASM)
             acc = _dot(w, tl.load(x_ptrs), acc, DOT_BF16)
         elif HALVES:
-            lo, hi = _decode_bytes(tl.load(c_ptrs), USE_ASM)
-            s = _scale_times_2pow14(tl.load(s_ptrs).to(tl.int32), MAN, BIAS)
+            lo, hi = decode_bytes(tl.load(c_ptrs), USE_ASM)
+            s = scale_times_2pow14(tl.load(s_ptrs).to(tl.int32), MAN, BIAS)
             # Two dots of depth BLOCK_K/2 (low nibbles · even x, high · odd x): no interleave.
             s = tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_K // BLOCK, BLOCK // 2))
             s = tl.reshape(s, (BLOCK_N, BLOCK_K // 2))
             acc = _dot(lo * s, tl.load(x_ptrs), acc, DOT_BF16)
             acc = _dot(hi * s, tl.load(x_ptrs + 1), acc, DOT_BF16)
         else:
-            lo, hi = _decode_bytes(tl.load(c_ptrs), USE_ASM)
-            s = _scale_times_2pow14(tl.load(s_ptrs).to(tl.int32), MAN, BIAS)
+            lo, hi = decode_bytes(tl.load(c_ptrs), USE_ASM)
+            s = scale_times_2pow14(tl.load(s_ptrs).to(tl.int32), MAN, BIAS)
             q = tl.interleave(lo, hi)
             s = tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_K // BLOCK, BLOCK))
             acc = _dot(q * tl.reshape(s, (BLOCK_N, BLOCK_K)), tl.load(x_ptrs), acc, DOT_BF16)
@@ -370,26 +281,6 @@ def _fp4_gemm_kernel(
         last, acc = split_k_sum(acc, w_ptrs, ok, M * N, pid_k, cnt, SPLIT)
     if last:
         _gemm_epilogue(acc, g_ptr, bias_ptr, out_ptr, N, offs_n, offs_m, ok, HAS_GLOBAL, HAS_BIAS)
-
-
-@triton.jit
-def split_k_sum(part, w_ptrs, mask, slice_stride, pid_k, cnt, SPLIT: tl.constexpr):
-    """Split-K's reduction, shared by the GEMV and the dot kernel: store this program's fp32
-    partial as slice pid_k of a slice-major scratch (slices `slice_stride` apart), then count
-    in at the tile's counter `cnt` (int32, zero between launches; acq_rel atomic). Returns
-    (last, total): the program that counts SPLIT - 1 is the last one; it adds the SPLIT
-    partials in slice order (so the sum does not depend on which program ends last) and puts
-    the counter back to 0. No float atomics, no zeroing kernel."""
-    tl.store(w_ptrs + pid_k * slice_stride, part, mask=mask)
-    tl.debug_barrier()  # every thread's partial is written before the counter's release
-    last = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
-    total = part
-    if last:
-        total = tl.load(w_ptrs, mask=mask, cache_modifier=".cg")
-        for j in tl.static_range(1, SPLIT):
-            total += tl.load(w_ptrs + j * slice_stride, mask=mask, cache_modifier=".cg")
-        tl.store(cnt, 0)
-    return last, total
 
 
 @triton.jit
@@ -517,17 +408,11 @@ _AUTOTUNE_KEY = [
 ]
 
 
-def _bench_graph(kernel_call, quantiles):
-    """Autotune on GPU time: replaying a CUDA graph keeps Python launch cost out of the choice
-    (skinny calls take less GPU time than their launch takes on the host)."""
-    return triton.testing.do_bench_cudagraph(kernel_call, rep=20, quantiles=quantiles)
-
-
 _small = triton.autotune(
     SMALL_CONFIGS,
     key=_AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _prune},
-    do_bench=_bench_graph,
+    do_bench=bench_graph,
 )(_fp4_gemm_kernel)
 _large_configs = [
     triton.Config({**c.kwargs, "BLOCK_M": bm}, num_warps=c.num_warps, num_stages=c.num_stages)
@@ -538,7 +423,7 @@ _large = triton.autotune(
     _large_configs,
     key=[k for k in _AUTOTUNE_KEY if k != "BLOCK_M"],
     prune_configs_by={"early_config_prune": _prune},
-    do_bench=_bench_graph,
+    do_bench=bench_graph,
 )(_fp4_gemm_kernel)
 
 
@@ -561,6 +446,100 @@ def _small_block_m(m: int) -> int:
     return max(16, triton.next_power_of_2(m))
 
 
+def _check_shapes(x: torch.Tensor, codes: torch.Tensor, block_size: int) -> int:
+    k = codes.shape[1] * 2
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight expects {k}")
+    if not supported(k, block_size):
+        raise ValueError(f"K = {k} is not a multiple of {min_block_k(block_size)}")
+    return k
+
+
+def linear_call(
+    x2: torch.Tensor,
+    out: torch.Tensor,
+    codes: torch.Tensor,
+    scale_codes: torch.Tensor,
+    global_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    block_size: int,
+    scale_man_bits: int,
+    scale_bias: int,
+    config: GemmConfig | _gemv.GemvConfig | None = None,
+) -> Call:
+    """The launch that writes out [M, N] = x2 [M, K] · dequant(W)ᵀ + bias (x2's rows have unit
+    column stride; M, N > 0): the GEMV up to `gemv.GEMV_M_MAX` tokens (or with a GemvConfig),
+    else the dot kernel (skinny tiles up to SMALL_M_MAX tokens, large ones above)."""
+    m, k = x2.shape
+    n = codes.shape[0]
+    if isinstance(config, _gemv.GemvConfig) or (config is None and m <= _gemv.GEMV_M_MAX):
+        args = (codes, scale_codes, global_scale, bias, block_size, scale_man_bits, scale_bias)
+        return _gemv.gemv_call(x2, out, *args, USE_ASM, config)
+    if config is None and INTERPRET:
+        bm = _small_block_m(m) if m <= SMALL_M_MAX else 64
+        config = GemmConfig(16, bm, min_block_k(block_size))
+    small = config is not None or m <= SMALL_M_MAX
+    named = dict(
+        codes_ptr=codes,
+        scales_ptr=scale_codes,
+        g_ptr=global_scale if global_scale is not None else codes,  # unread without a global
+        bias_ptr=bias if bias is not None else codes,
+        ws_ptr=codes,  # unread when SPLIT == 1
+        cnt_ptr=codes,
+        M=m,
+        N=n,
+        K=k,
+        stride_xm=x2.stride(0),
+        BLOCK=block_size,
+        MAN=scale_man_bits,
+        BIAS=scale_bias,
+        HAS_GLOBAL=global_scale is not None,
+        HAS_BIAS=bias is not None,
+        # The interpreter's numpy dot misreads bf16 operands, so there the dot runs in fp32.
+        DOT_BF16=x2.dtype == torch.bfloat16 and not INTERPRET,
+        USE_ASM=USE_ASM,
+        PAIRS=pairs_apply(x2.dtype, block_size, scale_man_bits, scale_bias)
+        and codes.data_ptr() % 4 == 0  # read as int32 words
+        and (config is None or config.pairs),
+    )
+    # split-K scratch (fp32 partials) and tile counters, for the tiles that may split K
+    split = config.split if config is not None else SMALL_MAX_SPLIT
+    if small and split > 1:
+        bn = config.block_n if config is not None else SMALL_MIN_BLOCK_N
+        named["ws_ptr"] = workspace(x2.device, split * m * n)
+        named["cnt_ptr"] = counters(x2.device, triton.cdiv(n, bn) * triton.cdiv(m, 16))
+    dyn, views = (x2, out), (None, None)
+    if config is not None:
+        step = min_block_k(block_size) * (2 if config.halves else 1)
+        if k % config.block_k or config.block_k % step or (k // config.block_k) % config.split:
+            raise ValueError(
+                f"BLOCK_K = {config.block_k} must divide K = {k} and be a multiple of {step}, "
+                f"and split = {config.split} must divide the {k // config.block_k} K steps"
+            )
+        tile = dict(
+            BLOCK_N=config.block_n,
+            BLOCK_M=config.block_m,
+            BLOCK_K=config.block_k,
+            HALVES=config.halves,
+            SPLIT=config.split,
+            UNROLL=config.unroll,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+        grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split)
+        return Call(_fp4_gemm_kernel, grid, dyn, named, views, tile)
+    if small:
+        named["BLOCK_M"] = bm = _small_block_m(m)
+        grid = lambda meta: (  # noqa: E731
+            triton.cdiv(n, meta["BLOCK_N"]),
+            triton.cdiv(m, bm),
+            meta["SPLIT"],
+        )
+        return Call(_fp4_gemm_kernel, grid, dyn, named, views, tuner=_small)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), 1)  # noqa: E731
+    return Call(_fp4_gemm_kernel, grid, dyn, named, views, tuner=_large)
+
+
 def fp4_linear(
     x: torch.Tensor,
     codes: torch.Tensor,
@@ -577,89 +556,42 @@ def fp4_linear(
     GemvConfig) the GEMV kernel of `gemv.py` runs; otherwise the dot kernel here, where bf16
     activations use a bf16 dot and fp16 and fp32 activations an fp32 (tf32 on GPU) dot, which
     holds fp16 values without loss."""
-    n, k = codes.shape[0], codes.shape[1] * 2
-    if x.shape[-1] != k:
-        raise ValueError(f"input has {x.shape[-1]} features, the weight expects {k}")
-    if not supported(k, block_size):
-        raise ValueError(f"K = {k} is not a multiple of {min_block_k(block_size)}")
+    k = _check_shapes(x, codes, block_size)
+    n = codes.shape[0]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    m = x2.shape[0]
-    if isinstance(config, _gemv.GemvConfig) or (config is None and m <= _gemv.GEMV_M_MAX):
-        args = (x2, codes, scale_codes, global_scale, bias, block_size, scale_man_bits)
-        out = _gemv.fp4_gemv(*args, scale_bias, USE_ASM, config=config)
-        return out.reshape(*x.shape[:-1], n)
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return out.reshape(*x.shape[:-1], n)
-    g = global_scale if global_scale is not None else codes  # unread when HAS_GLOBAL is False
-    b = bias if bias is not None else codes
-    # split-K scratch (fp32 partials) and tile counters, for the tiles that may split K
-    split = config.split if isinstance(config, GemmConfig) else SMALL_MAX_SPLIT
-    small = config is not None or m <= SMALL_M_MAX
-    if small and split > 1:
-        ws = torch.empty((split * m * n,), dtype=torch.float32, device=x.device)
-        bn = config.block_n if config is not None else SMALL_MIN_BLOCK_N
-        cnt = _gemv._counters(x.device, triton.cdiv(n, bn) * triton.cdiv(m, 16))
-    else:
-        ws = cnt = codes  # unread when SPLIT == 1
-    args = (x2, codes, scale_codes, g, b, out, ws, cnt, m, n, k, x2.stride(0))
-    meta = dict(
-        BLOCK=block_size,
-        MAN=scale_man_bits,
-        BIAS=scale_bias,
-        HAS_GLOBAL=global_scale is not None,
-        HAS_BIAS=bias is not None,
-        # The interpreter's numpy dot misreads bf16 operands, so there the dot runs in fp32.
-        DOT_BF16=x.dtype == torch.bfloat16 and not _INTERPRET,
-        USE_ASM=USE_ASM,
-        PAIRS=pairs_apply(x.dtype, block_size, scale_man_bits, scale_bias)
-        and codes.data_ptr() % 4 == 0  # read as int32 words
-        and (not isinstance(config, GemmConfig) or config.pairs),
-    )
-    if config is None and _INTERPRET:
-        bm = _small_block_m(m) if m <= SMALL_M_MAX else 64
-        config = GemmConfig(16, bm, min_block_k(block_size))
-    if config is not None:
-        step = min_block_k(block_size) * (2 if config.halves else 1)
-        if k % config.block_k or config.block_k % step or (k // config.block_k) % config.split:
-            raise ValueError(
-                f"BLOCK_K = {config.block_k} must divide K = {k} and be a multiple of {step}, "
-                f"and split = {config.split} must divide the {k // config.block_k} K steps"
-            )
-        grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split)
-        _fp4_gemm_kernel[grid](
-            *args,
-            **meta,
-            BLOCK_N=config.block_n,
-            BLOCK_M=config.block_m,
-            BLOCK_K=config.block_k,
-            HALVES=config.halves,
-            SPLIT=config.split,
-            UNROLL=config.unroll,
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
-        )
-    elif m <= SMALL_M_MAX:
-        bm = _small_block_m(m)
-        grid = lambda meta: (  # noqa: E731
-            triton.cdiv(n, meta["BLOCK_N"]),
-            triton.cdiv(m, bm),
-            meta["SPLIT"],
-        )
-        _small[grid](*args, **meta, BLOCK_M=bm)
-    else:
-        grid = lambda meta: (  # noqa: E731
-            triton.cdiv(n, meta["BLOCK_N"]),
-            triton.cdiv(m, meta["BLOCK_M"]),
-            1,
-        )
-        _large[grid](*args, **meta)
+    out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    if x2.shape[0] and n:
+        args = (codes, scale_codes, global_scale, bias, block_size, scale_man_bits, scale_bias)
+        linear_call(x2, out, *args, config=config).launch()
     return out.reshape(*x.shape[:-1], n)
 
 
-from . import gemv as _gemv  # noqa: E402  (gemv imports this module's jitted helpers)
+def planned_linear(
+    x: torch.Tensor,
+    stream: int,
+    codes: torch.Tensor,
+    scale_codes: torch.Tensor,
+    global_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    block_size: int,
+    scale_man_bits: int,
+    scale_bias: int,
+) -> tuple[torch.Tensor, Launcher]:
+    """`fp4_linear` for a contiguous x (at least one token) that also returns a Launcher for
+    the tile it ran: `launcher(stream, x', out')` computes the same for any x' of x's shape,
+    dtype, device and 16-byte alignment on this stream, into a fresh contiguous out' of the
+    result's shape. On a kernel's first specialization the direct launch is checked bit for
+    bit against Triton's own."""
+    k = _check_shapes(x, codes, block_size)
+    n = codes.shape[0]
+    out = x.new_empty((*x.shape[:-1], n))
+    args = (codes, scale_codes, global_scale, bias, block_size, scale_man_bits, scale_bias)
+    call = linear_call(x.view(-1, k), out.view(-1, n), *args)
+    launcher = call.launcher(call.launch())
+    check_direct(launcher, stream, (x, torch.empty_like(out)), out)
+    return out, launcher
 
 
 def quantized_linear(x: torch.Tensor, qt, bias: torch.Tensor | None = None, config=None):

@@ -4,32 +4,31 @@ Each program owns BLOCK_N weight rows and one token; grid (M, N / BLOCK_N) with 
 fastest, so the programs reading the same weight rows for different tokens run together and all
 but the first find the rows in L2. A K step loads codes as a 3-D tile [BLOCK_N, BLOCK_K/B, B/2]
 (rows, scale blocks, code bytes of a block) by pointer arithmetic, decodes the low and high
-nibbles to fp32 E2M1·2^-14 (`gemm._decode_bytes`: inline PTX on the GPU, two weights per
-integer instruction), multiplies them by x's even and odd columns, sums each scale block inside
+nibbles to fp32 E2M1·2^-14 (`fp4_codes.decode_bytes`: inline PTX on the GPU, two weights
+per integer instruction), multiplies them by x's even and odd columns, sums each scale block inside
 the thread and only then multiplies the block's partial sum by its decoded scale (one multiply
 per block, not per weight). The [BLOCK_N, BLOCK_K/B] fp32 accumulator is reduced across threads
 once, after the K loop; the global scale divides the result, the bias is added in fp32.
 
 bf16 activations are read as int32 pairs (even column in the low half): shifting a pair by 16
 bits, or masking its high half, is the exact fp32 value of each, with no strided loads.
+
+MoE experts (`fp4_gemv_experts`): the rows kernel with EXPERTS on reads, for each "token" p, the
+weight of expert eid[p] (a 3-D stack [E, N, K/2], expert strides given) and x row p // XDIV, so
+all (token, expert) pairs of a decode step run in one launch, with no host sync.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .gemm import (
-    _INTERPRET,
-    _bench_graph,
-    _decode_bytes,
-    _scale_times_2pow14,
-    split_k_sum,
-)
+from .fp4_codes import INTERPRET, USE_ASM, decode_bytes, scale_times_2pow14
+from .launch import Call, Launcher, bench_graph, check_direct
+from .splitk import counters, split_k_sum, workspace
 
 GEMV_M_MAX = 2  # fp4_linear sends M at or under this here (M = 4 was faster on the dot kernel)
 
@@ -44,11 +43,11 @@ def _e4m3_times_2pow_m8(code):
 @triton.jit
 def _fp4_gemv_kernel(
     x_ptr,
+    out_ptr,
     codes_ptr,
     scales_ptr,
     g_ptr,
     bias_ptr,
-    out_ptr,
     N,
     K: tl.constexpr,
     stride_xm,
@@ -81,7 +80,7 @@ def _fp4_gemv_kernel(
     x_ptrs = x_ptr + pid_m * stride_xm + (pair if X_PAIRS else 2 * pair)
     acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
     for _ in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        lo, hi = _decode_bytes(tl.load(c_ptrs), USE_ASM)
+        lo, hi = decode_bytes(tl.load(c_ptrs), USE_ASM)
         if X_PAIRS:
             xp = tl.load(x_ptrs)
             x_even = (xp << 16).to(tl.float32, bitcast=True)
@@ -90,7 +89,7 @@ def _fp4_gemv_kernel(
             x_even = tl.load(x_ptrs).to(tl.float32)
             x_odd = tl.load(x_ptrs + 1).to(tl.float32)
         part = tl.sum(lo * x_even[None, :, :] + hi * x_odd[None, :, :], axis=2)
-        s = _scale_times_2pow14(tl.load(s_ptrs).to(tl.int32), MAN, BIAS)
+        s = scale_times_2pow14(tl.load(s_ptrs).to(tl.int32), MAN, BIAS)
         acc += part * s
         c_ptrs += BLOCK_K // 2
         s_ptrs += NB
@@ -109,11 +108,12 @@ def _fp4_gemv_kernel(
 @triton.jit(do_not_specialize=["one"])
 def _fp4_gemv_rows_kernel(
     x_ptr,
+    out_ptr,
+    eid_ptr,
     codes_ptr,
     scales_ptr,
     g_ptr,
     bias_ptr,
-    out_ptr,
     ws_ptr,
     cnt_ptr,
     M,
@@ -121,6 +121,8 @@ def _fp4_gemv_rows_kernel(
     K: tl.constexpr,
     stride_xm,
     one,
+    stride_ec,
+    stride_es,
     BLOCK: tl.constexpr,
     MAN: tl.constexpr,
     BIAS: tl.constexpr,
@@ -133,6 +135,8 @@ def _fp4_gemv_rows_kernel(
     STAGES: tl.constexpr,
     SPLIT: tl.constexpr,
     VB: tl.constexpr,
+    EXPERTS: tl.constexpr,
+    XDIV: tl.constexpr,
 ):
     """out[m, n] = Σ_k x[m, k]·W'[n, k] for one token m and BLOCK_N rows (BLOCK >= 8).
 
@@ -147,10 +151,21 @@ def _fp4_gemv_rows_kernel(
     its slice of the K steps and stores the fp32 partial in ws [SPLIT, M, N]; the program that
     finds the tile's counter (cnt_ptr, int32, zero between launches) at SPLIT - 1 is the last
     one: it adds the SPLIT partials in slice order (the same sum whichever program comes last),
-    runs the epilogue and puts the counter back to 0."""
+    runs the epilogue and puts the counter back to 0.
+
+    EXPERTS: row p of the output uses expert eid[p]'s weight (codes, scales and global scale
+    stride_ec, stride_es and 1 elements apart) and x row p // XDIV (no bias)."""
     pid_m = tl.program_id(0) % M
     pid_k = tl.program_id(0) // M
     pid_n = tl.program_id(1)
+    pid_x = pid_m
+    if EXPERTS:
+        tl.static_assert(not HAS_BIAS)
+        e = tl.load(eid_ptr + pid_m).to(tl.int64)
+        codes_ptr += e * stride_ec
+        scales_ptr += e * stride_es
+        g_ptr += e
+        pid_x = pid_m // XDIV
     NB: tl.constexpr = BLOCK_K // BLOCK
     HB: tl.constexpr = BLOCK // 2
     WB: tl.constexpr = BLOCK // (2 * VB)  # VB code bytes (2·VB weights) a load
@@ -164,9 +179,9 @@ def _fp4_gemv_rows_kernel(
     c_ptrs = codes_ptr + offs_n[None, :, None] * (K // 2) + byte[:, None, :]
     s_ptrs = scales_ptr + offs_n[None, :] * (K // BLOCK) + ob[:, None] * one
     if X_PAIRS:
-        x_ptrs = x_ptr + tl.multiple_of(pid_m * stride_xm, 4) + byte
+        x_ptrs = x_ptr + tl.multiple_of(pid_x * stride_xm, 4) + byte
     else:
-        x_ptrs = x_ptr + pid_m * stride_xm + 2 * byte
+        x_ptrs = x_ptr + pid_x * stride_xm + 2 * byte
     if SPLIT > 1:  # SPLIT divides the K steps
         s0 = pid_k * (NSTEP // SPLIT)
         c_ptrs += s0 * (BLOCK_K // 2)
@@ -176,7 +191,7 @@ def _fp4_gemv_rows_kernel(
     for _ in tl.range(0, NSTEP // SPLIT, num_stages=STAGES):
         part = tl.zeros((NB, BLOCK_N, VB), dtype=tl.float32)
         for w in tl.static_range(WB):
-            lo, hi = _decode_bytes(tl.load(c_ptrs + VB * w), USE_ASM)
+            lo, hi = decode_bytes(tl.load(c_ptrs + VB * w), USE_ASM)
             if X_PAIRS:
                 xp = tl.load(x_ptrs + VB * w)
                 x_even = (xp << 16).to(tl.float32, bitcast=True)
@@ -190,7 +205,7 @@ def _fp4_gemv_rows_kernel(
         if MAN == 3 and BIAS == 7:
             s = _e4m3_times_2pow_m8(code)
         else:
-            s = _scale_times_2pow14(code, MAN, BIAS)
+            s = scale_times_2pow14(code, MAN, BIAS)
         acc += tl.sum(part, axis=2) * s
         c_ptrs += BLOCK_K // 2
         s_ptrs += NB
@@ -313,7 +328,7 @@ _gemv = triton.autotune(
     GEMV_CONFIGS,
     key=["N", "K", "BLOCK", "MAN", "HAS_GLOBAL", "HAS_BIAS", "X_PAIRS", "USE_ASM"],
     prune_configs_by={"early_config_prune": _prune},
-    do_bench=_bench_graph,
+    do_bench=bench_graph,
 )(_fp4_gemv_kernel)
 
 
@@ -340,15 +355,111 @@ ROWS_MAX_SPLIT = max(c.kwargs["SPLIT"] for c in ROWS_CONFIGS)
 
 _gemv_rows = triton.autotune(
     ROWS_CONFIGS,
-    key=["N", "K", "BLOCK", "MAN", "BIAS", "HAS_GLOBAL", "HAS_BIAS", "X_PAIRS", "USE_ASM"],
+    key=[
+        "N",
+        "K",
+        "BLOCK",
+        "MAN",
+        "BIAS",
+        "HAS_GLOBAL",
+        "HAS_BIAS",
+        "X_PAIRS",
+        "USE_ASM",
+        "EXPERTS",
+    ],
     prune_configs_by={"early_config_prune": _prune},
-    do_bench=_bench_graph,
+    do_bench=bench_graph,
 )(_fp4_gemv_rows_kernel)
 
 
 def gemv_supported(k: int, block_size: int) -> bool:
     """K a multiple of the block (and of 2); every block size 4..128 works."""
     return k % block_size == 0 and k % 2 == 0
+
+
+def gemv_call(
+    x2: torch.Tensor,
+    out: torch.Tensor,
+    codes: torch.Tensor,
+    scale_codes: torch.Tensor,
+    global_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    block_size: int,
+    scale_man_bits: int,
+    scale_bias: int,
+    use_asm: bool = USE_ASM,
+    config: GemvConfig | None = None,
+    eid: torch.Tensor | None = None,
+    xdiv: int = 1,
+) -> Call:
+    """The launch that writes out [M, N] = x2 [M, K] · dequant(W)ᵀ + bias (x2's rows have unit
+    column stride). With `eid` (int [M]): codes/scales are 3-D expert stacks [E, N, ...] (rows
+    contiguous, any expert stride), global_scale is [E], and row p uses expert eid[p] and x2
+    row p // xdiv (the rows kernel only, so block sizes >= 8; no bias)."""
+    m = x2.shape[0] if eid is None else eid.shape[0]
+    k, n = codes.shape[-1] * 2, codes.shape[-2]
+    rows = block_size >= 8 and (config is None or config.rows)
+    if eid is not None and (not rows or bias is not None):
+        raise ValueError("the expert GEMV needs the rows kernel (block size >= 8) and no bias")
+    # int32 pairs: the rows kernel reads 4 pairs at once, so its rows start 16-byte aligned
+    pairs = x2.dtype == torch.bfloat16 and x2.stride(0) % (8 if rows else 2) == 0
+    xv = x2.view(torch.int32) if pairs else x2
+    stride = x2.stride(0) // 2 if pairs else x2.stride(0)
+    named = dict(
+        codes_ptr=codes,
+        scales_ptr=scale_codes,
+        g_ptr=global_scale if global_scale is not None else codes,  # unread without a global
+        bias_ptr=bias if bias is not None else codes,
+        N=n,
+        K=k,
+        stride_xm=stride,
+        BLOCK=block_size,
+        MAN=scale_man_bits,
+        BIAS=scale_bias,
+        HAS_GLOBAL=global_scale is not None,
+        HAS_BIAS=bias is not None,
+        X_PAIRS=pairs,
+        USE_ASM=use_asm,
+    )
+    if config is None and INTERPRET:
+        config = GemvConfig(16, 64)
+    if rows:
+        # split-K scratch: fp32 partials for the largest split, and the tiles' counters
+        split_max = config.split if config is not None else ROWS_MAX_SPLIT
+        bn_min = config.block_n if config is not None else ROWS_MIN_BLOCK_N
+        if eid is None:
+            named["eid_ptr"] = codes  # unread without EXPERTS
+        named.update(
+            ws_ptr=workspace(x2.device, split_max * m * n),
+            cnt_ptr=counters(x2.device, m * triton.cdiv(n, bn_min)),
+            M=m,
+            one=1,
+            stride_ec=codes.stride(0) if eid is not None else 0,
+            stride_es=scale_codes.stride(0) if eid is not None else 0,
+            EXPERTS=eid is not None,
+            XDIV=xdiv,
+        )
+        kernel, tuner = _fp4_gemv_rows_kernel, _gemv_rows
+        grid = lambda meta: (m * meta["SPLIT"], triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    else:
+        kernel, tuner = _fp4_gemv_kernel, _gemv
+        grid = lambda meta: (m, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    tile = None
+    if config is not None:
+        bk = _fit_block_k(config.block_k, k, block_size)
+        tile = dict(
+            BLOCK_N=config.block_n,
+            BLOCK_K=bk,
+            STAGES=config.num_stages,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+        if rows:
+            tile["SPLIT"] = _fit_split(config.split, k // bk)
+            tile["VB"] = _fit_vb(8 if config.wide else 4, block_size)
+    dyn = (xv, out) if eid is None else (xv, out, eid)
+    views = (torch.int32 if pairs else None, None, None)[: len(dyn)]
+    return Call(kernel, grid, dyn, named, views, tile, tuner)
 
 
 def fp4_gemv(
@@ -364,102 +475,60 @@ def fp4_gemv(
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
     """x2 [M, K] (rows contiguous) · dequant(W)ᵀ + bias -> [M, N] in x2's dtype."""
-    m, k = x2.shape
-    n = codes.shape[0]
+    m, n = x2.shape[0], codes.shape[0]
     out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    if m == 0 or n == 0:
-        return out
-    rows = block_size >= 8 and (config is None or config.rows)
-    # int32 pairs: the rows kernel reads 4 pairs at once, so its rows start 16-byte aligned
-    pairs = x2.dtype == torch.bfloat16 and x2.stride(0) % (8 if rows else 2) == 0
-    xv = x2.view(torch.int32) if pairs else x2
-    stride = x2.stride(0) // 2 if pairs else x2.stride(0)
-    g = global_scale if global_scale is not None else codes  # unread when HAS_GLOBAL is False
-    b = bias if bias is not None else codes
-    if rows:
-        # split-K scratch: fp32 partials for the largest split, and the tiles' counters
-        split_max = max(ROWS_MAX_SPLIT, config.split if config is not None else 1)
-        ws = torch.empty((split_max * m * n,), dtype=torch.float32, device=x2.device)
-        cnt = _counters(x2.device, m * triton.cdiv(n, ROWS_MIN_BLOCK_N))
-        args = (xv, codes, scale_codes, g, b, out, ws, cnt, m, n, k, stride, 1)
-    else:
-        args = (xv, codes, scale_codes, g, b, out, n, k, stride)
-    meta = dict(
-        BLOCK=block_size,
-        MAN=scale_man_bits,
-        BIAS=scale_bias,
-        HAS_GLOBAL=global_scale is not None,
-        HAS_BIAS=bias is not None,
-        X_PAIRS=pairs,
-        USE_ASM=use_asm,
-    )
-    if config is None and _INTERPRET:
-        config = GemvConfig(16, 64)
-    if config is not None:
-        bk = _fit_block_k(config.block_k, k, block_size)
-        kernel = _fp4_gemv_rows_kernel if rows else _fp4_gemv_kernel
-        extra = {}
-        split = 1
-        if rows:
-            split = _fit_split(config.split, k // bk)
-            extra["SPLIT"] = split
-            extra["VB"] = _fit_vb(8 if config.wide else 4, block_size)
-            if triton.cdiv(n, config.block_n) * m > cnt.numel():
-                cnt = _counters(x2.device, m * triton.cdiv(n, config.block_n))
-                args = args[:7] + (cnt,) + args[8:]
-        grid = (m * split, triton.cdiv(n, config.block_n))
-        kernel[grid](
-            *args,
-            **meta,
-            **extra,
-            BLOCK_N=config.block_n,
-            BLOCK_K=bk,
-            STAGES=config.num_stages,
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
-        )
-    elif rows:
-        grid = lambda meta: (m * meta["SPLIT"], triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-        _gemv_rows[grid](*args, **meta)
-    else:
-        grid = lambda meta: (m, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-        _gemv[grid](*args, **meta)
+    if m and n:
+        args = (codes, scale_codes, global_scale, bias, block_size, scale_man_bits, scale_bias)
+        gemv_call(x2, out, *args, use_asm, config).launch()
     return out
 
 
-_COUNTERS: dict[tuple, list[torch.Tensor]] = {}
+def fp4_gemv_experts(
+    x2: torch.Tensor,
+    eid: torch.Tensor,
+    codes: torch.Tensor,
+    scale_codes: torch.Tensor,
+    global_scale: torch.Tensor | None,
+    block_size: int,
+    scale_man_bits: int,
+    scale_bias: int,
+    xdiv: int = 1,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """out[p] = x2[p // xdiv] · dequant(W[eid[p]])ᵀ for expert stacks codes [E, N, K/2] and
+    scale codes [E, N, K/B] (uint8 storage), global scales [E] or None -> [len(eid), N]."""
+    m, n = eid.shape[0], codes.shape[-2]
+    if x2.shape[-1] != codes.shape[-1] * 2 or x2.shape[0] * xdiv != m:
+        raise ValueError(
+            f"x {tuple(x2.shape)} does not fit {m} pairs of {xdiv} and K = {codes.shape[-1] * 2}"
+        )
+    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if m and n:
+        args = (codes, scale_codes, global_scale, None, block_size, scale_man_bits, scale_bias)
+        gemv_call(x2, out, *args, USE_ASM, config, eid=eid, xdiv=xdiv).launch()
+    return out
 
 
-def _counters(device: torch.device, size: int) -> torch.Tensor:
-    """Split-K tile counters, int32 zeros that every launch leaves at zero, one set per CUDA
-    stream: kernels of one stream run one after the other, so they never share a counter at
-    the same time. A larger request allocates a new buffer; the old ones stay alive (a captured
-    CUDA graph may point at them)."""
-    cuda = device.type == "cuda"
-    key = (device, torch.cuda.current_stream(device).cuda_stream if cuda else 0)
-    bufs = _COUNTERS.setdefault(key, [])
-    if not bufs or bufs[-1].numel() < size:
-        n = max(size, 1 << 14)
-        buf = _outside_graph_pools(n, device) if cuda else torch.empty(n, dtype=torch.int32)
-        bufs.append(buf.zero_())  # zeroed on this stream
-    return bufs[-1]
-
-
-def _outside_graph_pools(n: int, device: torch.device) -> torch.Tensor:
-    """int32 [n] on `device`, allocated on a helper thread: while torch.compile's CUDA graphs
-    warm up and record, this thread's allocations go to their private pool, and a buffer
-    that outlives the call must not live there (they refuse untracked live tensors)."""
-    box: list = []
-
-    def alloc() -> None:
-        try:
-            box.append(torch.empty(n, dtype=torch.int32, device=device))
-        except BaseException as e:  # re-raised on the caller's thread
-            box.append(e)
-
-    t = threading.Thread(target=alloc)
-    t.start()
-    t.join()
-    if isinstance(box[0], BaseException):
-        raise box[0]
-    return box[0]
+def planned_experts(
+    x2: torch.Tensor,
+    eid: torch.Tensor,
+    stream: int,
+    codes: torch.Tensor,
+    scale_codes: torch.Tensor,
+    global_scale: torch.Tensor | None,
+    block_size: int,
+    scale_man_bits: int,
+    scale_bias: int,
+    xdiv: int,
+) -> tuple[torch.Tensor, Launcher]:
+    """`fp4_gemv_experts` for a contiguous x2 that also returns a Launcher for the tile it ran:
+    `launcher(stream, x2', out', eid')` computes the same for inputs of the same shapes,
+    dtypes, device and 16-byte alignment on this stream (direct launch checked once against
+    Triton's own, as `gemm.planned_linear`)."""
+    m, n = eid.shape[0], codes.shape[-2]
+    out = x2.new_empty((m, n))
+    args = (codes, scale_codes, global_scale, None, block_size, scale_man_bits, scale_bias)
+    call = gemv_call(x2, out, *args, USE_ASM, None, eid=eid, xdiv=xdiv)
+    launcher = call.launcher(call.launch())
+    check_direct(launcher, stream, (x2, torch.empty_like(out), eid), out)
+    return out, launcher

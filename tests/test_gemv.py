@@ -22,9 +22,9 @@ from mxptq import QuantizedTensor, dequantize, get_format, quantize_tensor
 from mxptq.formats import e2m1_values
 
 try:
-    from mxptq.kernels import gemm, gemv
+    from mxptq.kernels import fp4_codes, gemm, gemv, splitk
 except ImportError:  # triton missing or broken
-    gemm = gemv = None
+    gemm = gemv = fp4_codes = splitk = None
 
 pytestmark = pytest.mark.skipif(gemv is None, reason="triton is not importable")
 
@@ -111,7 +111,7 @@ def test_gemv_split_k(name, block, codec):
         out = _call(x, qt, bias, cfg)
         assert _rel(out, ref) < 1e-6
         assert torch.equal(out, _call(x, qt, bias, cfg))
-        assert not gemv._counters(x.device, 1).any()
+        assert not splitk.counters(x.device, 1).any()
         xb = x.to(torch.bfloat16)
         ob = _call(xb, qt, bias.to(torch.bfloat16), gemv.GemvConfig(16, bk, 1, split=2, wide=True))
         refb = F.linear(xb.double(), dequantize(qt).double(), bias.double())
@@ -167,8 +167,8 @@ def test_gemv_exact_on_every_code(fmt, lo, hi):
 def test_default_dispatch_uses_gemv_up_to_its_m(monkeypatch):
     """fp4_linear sends M <= GEMV_M_MAX to the GEMV and larger M to the dot kernel."""
     calls = []
-    real = gemv.fp4_gemv
-    monkeypatch.setattr(gemv, "fp4_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = gemv.gemv_call
+    monkeypatch.setattr(gemv, "gemv_call", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     qt = _quantized(20, 128, get_format("nvfp4"), seed=4)
     for m in (1, gemv.GEMV_M_MAX, gemv.GEMV_M_MAX + 1):
         x = torch.randn(m, 128)
@@ -195,8 +195,8 @@ def _expected_nibbles() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _run_decode_ptx(word: int) -> list[float]:
-    """`_DECODE_ASM` executed on one 32-bit register (tests/ptx_exec.py): $0..$7."""
-    reg = run_ptx(asm_text(gemm._DECODE_ASM), {"$8": word})
+    """`DECODE_ASM` executed on one 32-bit register (tests/ptx_exec.py): $0..$7."""
+    reg = run_ptx(asm_text(fp4_codes.DECODE_ASM), {"$8": word})
     return [reg[f"${i}"] for i in range(8)]
 
 
@@ -215,7 +215,7 @@ def test_decode_ptx_on_every_byte_in_every_position():
 
 @pytest.mark.parametrize("use_asm", ASM_CASES)
 def test_decode_bytes_kernel(use_asm):
-    """`_decode_bytes` inside a kernel on all 256 bytes: the plain formula (interpreter or
+    """`decode_bytes` inside a kernel on all 256 bytes: the plain formula (interpreter or
     GPU) and, on a GPU, the inline PTX."""
     import triton
     import triton.language as tl
@@ -223,7 +223,7 @@ def test_decode_bytes_kernel(use_asm):
     @triton.jit
     def _k(c_ptr, lo_ptr, hi_ptr, USE_ASM: tl.constexpr):
         o = tl.arange(0, 256)
-        lo, hi = gemm._decode_bytes(tl.load(c_ptr + o), USE_ASM)
+        lo, hi = fp4_codes.decode_bytes(tl.load(c_ptr + o), USE_ASM)
         tl.store(lo_ptr + o, lo)
         tl.store(hi_ptr + o, hi)
 

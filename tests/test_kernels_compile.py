@@ -33,6 +33,7 @@ POINTERS = {
     "out_ptr": "*bf16",
     "ws_ptr": "*fp32",
     "cnt_ptr": "*i32",
+    "eid_ptr": "*i64",
 }
 COMMON = dict(BLOCK=16, MAN=3, BIAS=7, HAS_GLOBAL=True, USE_ASM=True)  # nvfp4, compiled PTX
 GEMM_BASE = dict(
@@ -57,6 +58,7 @@ GEMV_BASE = dict(
     BLOCK_K=512,
     STAGES=1,
 )
+ROWS_BASE = dict(GEMV_BASE, EXPERTS=False, XDIV=1)
 FP16_IO = {"x_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp16"}
 # Inline PTX shows in the PTX by its masks: the pair decoder's, the scale decoder's and the
 # fp32 decoder's; the scale decoder's multiplier (bf16 2^110 / 2^106) names the codec.
@@ -130,6 +132,15 @@ CASES = {
         [],
         [BYTES],
     ),
+    "gemv-rows-experts-split": (
+        "rows",
+        dict(SPLIT=2, VB=8, EXPERTS=True, XDIV=8),
+        {"x_ptr": "*i32"},
+        1,
+        1,
+        [BYTES, "atom", "ld.global.b64"],
+        [],
+    ),
     "gemv-tile-b4": ("tile", dict(BLOCK=4, X_PAIRS=False), {}, 4, 1, [BYTES], []),
 }
 
@@ -142,7 +153,7 @@ def _build_all() -> dict:
 
     kernels = {
         "gemm": (gemm._fp4_gemm_kernel, GEMM_BASE),
-        "rows": (gemv._fp4_gemv_rows_kernel, GEMV_BASE),
+        "rows": (gemv._fp4_gemv_rows_kernel, ROWS_BASE),
         "tile": (gemv._fp4_gemv_kernel, GEMV_BASE),
     }
     out = {}

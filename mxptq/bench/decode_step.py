@@ -7,8 +7,9 @@ x += o(q(x) + [k(x), v(x), k(x), v(x)]); x += down(silu(gate(x)) * up(x)) (no no
 attention: the linears are what differs). The same weights run as bf16 nn.Linear and as nvfp4
 PackedLinear, each eager and compiled with torch.compile(mode="reduce-overhead") (CUDA graphs);
 times are per step (all layers), CUDA events over repeated steps after warm-up, in one run.
-Eager PackedLinear pays Python and Triton launch costs on every call; the compiled model sees
-one `mxptq::packed_linear` operator per layer and CUDA graphs replay the launches.
+Eager PackedLinear calls use bound launches (one allocation and a direct kernel launch a
+call, docs/runtime.md); the compiled model sees one `mxptq::packed_linear` operator per layer
+and CUDA graphs replay the launches.
 """
 
 from __future__ import annotations

@@ -9,10 +9,12 @@ from importlib import import_module
 _EXPORTS = {
     "LinearMemory": ".model",
     "PackedConfig": ".loader",
+    "PackedExperts": ".experts",
     "PackedHfQuantizer": ".loader",
     "PackedLinear": ".linear",
     "linear_weight_bytes": ".model",
     "load": ".loader",
+    "pack_experts": ".model",
     "pack_linears": ".model",
     "packed_config": ".loader",
 }

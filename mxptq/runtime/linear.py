@@ -2,7 +2,9 @@
 
 The module holds exactly the bytes of a QuantizedTensor (codes, block scales, global scale) as
 buffers and never stores a dense copy: on CUDA the fused Triton kernel dequantizes tiles in
-registers; elsewhere the torch path dequantizes a chunk of rows at a time for each call.
+registers (eager decode-sized calls through a launch bound once per input shape, so a call
+costs about what a bf16 nn.Linear call costs on the host); elsewhere the torch path
+dequantizes a chunk of rows at a time for each call.
 """
 
 from __future__ import annotations
@@ -20,12 +22,17 @@ _PACKED = ("codes", "scales", "global_scale")
 # kernel 2.2-2.4x (docs/runtime.md); at M = 128 the two are about even.
 DENSE_M_MIN = 1024
 _CHUNK_WEIGHTS = 1 << 22  # torch path: rows dequantized per step, so temporaries stay small
+# Eager calls of up to this many tokens (decoding) keep a bound launch per input shape (`_Plan`)
+PLAN_M_MAX = 64
 
 try:
     from mxptq.kernels import dequantize as _triton_dequantize
     from mxptq.kernels import gemm as _gemm
 except ImportError:  # no usable Triton: the torch path serves every device
     _gemm = _triton_dequantize = None
+
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_current_device = getattr(torch._C, "_cuda_getDevice", None)
 
 
 def packed_forward(
@@ -60,6 +67,25 @@ def _forward_torch(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | No
         b = None if bias is None else bias[r : r + rows].to(x.dtype)
         outs.append(F.linear(x, dequantize(part, x.dtype), b))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+class _Plan:
+    """A bound launch for one input shape, dtype, device, stream and alignment, and the buffers
+    it was bound to (a layer whose buffers were replaced makes a new one)."""
+
+    __slots__ = ("launcher", "out_shape", "codes", "scales", "global_scale", "bias")
+
+    def __init__(self, launcher, out_shape, buffers: dict) -> None:
+        self.launcher, self.out_shape = launcher, out_shape
+        self.codes, self.scales = buffers["codes"], buffers["scales"]
+        self.global_scale, self.bias = buffers["global_scale"], buffers["bias"]
+
+
+def _plan_key(x: torch.Tensor, dev: int, stream: int) -> tuple:
+    """What decides a bound launch: x's shape (M, out shape), dtype, device and stream (the
+    split-K buffers are per stream) and 16-byte alignment (the kernel's specialization);
+    non-contiguous inputs never get a plan."""
+    return (x.shape, x.dtype, dev, stream, x.data_ptr() % 16, x.is_contiguous())
 
 
 @torch.library.custom_op("mxptq::packed_linear", mutates_args=())
@@ -117,6 +143,7 @@ class PackedLinear(nn.Module):
         g = torch.ones((), dtype=torch.float32, device=device) if fmt.has_global else None
         self.register_buffer("global_scale", g)
         self.register_buffer("bias", torch.zeros(n, dtype=dtype, device=device) if bias else None)
+        self._plans: dict[tuple, _Plan] = {}
 
     @classmethod
     def from_quantized(
@@ -140,6 +167,7 @@ class PackedLinear(nn.Module):
         """Let .to()/.cuda() move the packed bytes but never cast them: `model.to(bf16)` would
         otherwise rewrite float8 scales and the fp32 global scale as bf16 values."""
         keep = {n: getattr(self, n) for n in _PACKED if getattr(self, n) is not None}
+        self._plans = {}  # bound to the old buffers
         super()._apply(fn, recurse)
         for name, old in keep.items():
             new = self._buffers[name]
@@ -147,12 +175,68 @@ class PackedLinear(nn.Module):
                 self._buffers[name] = old.to(new.device)
         return self
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_plans"] = {}  # compiled kernels do not copy or pickle
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        args = (x, self.codes, self.scales, self.global_scale, self.bias)
         if torch.compiler.is_compiling():  # one opaque op in the graph (CUDA graphs capture it)
             fmt = self.format
+            args = (x, self.codes, self.scales, self.global_scale, self.bias)
             return torch.ops.mxptq.packed_linear(*args, fmt.name, fmt.scale.name, fmt.block_size)
-        return packed_forward(*args, self.format)
+        if x.is_cuda:  # the hot path of eager decoding: a bound launch, nothing else
+            dev = x.get_device()
+            stream = _raw_stream(dev)
+            plan = self._plans.get(_plan_key(x, dev, stream))
+            b = self._buffers
+            if (
+                plan is not None
+                and b["codes"] is plan.codes
+                and b["scales"] is plan.scales
+                and b["global_scale"] is plan.global_scale
+                and b["bias"] is plan.bias
+                and _current_device() == dev
+            ):
+                out = x.new_empty(plan.out_shape)
+                plan.launcher(stream, x, out)
+                return out
+            return self._forward_cuda(x, dev, stream)
+        return packed_forward(x, self.codes, self.scales, self.global_scale, self.bias, self.format)
+
+    def _forward_cuda(self, x: torch.Tensor, dev: int, stream: int) -> torch.Tensor:
+        """A CUDA call without a usable plan: a decode-sized one (contiguous x, up to PLAN_M_MAX
+        tokens, a K the kernel takes, not during CUDA-graph capture) runs through Triton once
+        and keeps the launch it chose; anything else takes `packed_forward`."""
+        args = (self.codes, self.scales, self.global_scale, self.bias)
+        k, fmt = self.in_features, self.format
+        with torch.cuda.device(dev):
+            plannable = (
+                _gemm is not None
+                and _raw_stream is not None
+                and x.is_contiguous()
+                and x.dim() >= 1
+                and 0 < x.numel() <= PLAN_M_MAX * k
+                and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+                and _gemm.supported(k, fmt.block_size)
+                and not torch.cuda.is_current_stream_capturing()
+            )
+            if not plannable:
+                return packed_forward(x, *args, fmt)
+            sc = fmt.scale
+            out, launcher = _gemm.planned_linear(
+                x,
+                stream,
+                self.codes,
+                self.scales.view(torch.uint8),
+                self.global_scale,
+                self.bias,
+                fmt.block_size,
+                sc.man_bits,
+                sc.bias,
+            )
+        self._plans[_plan_key(x, dev, stream)] = _Plan(launcher, out.shape, self._buffers)
+        return out
 
     def extra_repr(self) -> str:
         return (

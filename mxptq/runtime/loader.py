@@ -73,15 +73,126 @@ class _Scalar(ConversionOps):
         return {target_patterns[0]: 1.0 / t if self.invert else t}
 
 
-def _conversions(dialect: Dialect) -> list:
-    """Checkpoint tensor names -> PackedLinear buffers. Renames of dense keys (e.g. a kept
-    layer's ModelOpt-style `weight`) fall back to the original name because no buffer matches."""
+class _StackExperts(ConversionOps):
+    """Per-expert tensors (one list per source pattern, experts in order) stacked into a 3-D
+    buffer [E, rows, ...]; two sources (gate, up) are joined along the rows, gate first, as
+    transformers' gate_up_proj. With `scalar`, global scales ([1] or 0-d) become fp32 [E]
+    (`invert`: ModelOpt's stored 1/g)."""
+
+    def __init__(self, scalar: bool = False, invert: bool = False) -> None:
+        self.scalar, self.invert = scalar, invert
+
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        parts = []
+        for pattern in source_patterns:
+            tensors = input_dict.pop(pattern, None)
+            if tensors is None:
+                continue
+            if self.scalar:
+                t = torch.stack([v.reshape(()).float() for v in tensors])
+                parts.append(1.0 / t if self.invert else t)
+            else:
+                parts.append(torch.stack(tensors))
+        return {target_patterns[0]: parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)}
+
+
+def _expert_conversions(dialect: Dialect, experts: dict[str, tuple[str, str, str]]) -> list:
+    """Per-expert checkpoint tensors (`<ctx>.<e>.<gate|up|down leaf>.<tensor>`, after the
+    renamings of `_conversions`) -> the stacked buffers of PackedExperts at `<ctx>`
+    ("mlp.experts")."""
+    out = []
+    for ctx, (gate, up, down) in sorted({_context(n): v for n, v in experts.items()}.items()):
+        for name in ("codes", "scales"):
+            out.append(
+                WeightConverter(
+                    [f"{ctx}.*.{gate}.{name}$", f"{ctx}.*.{up}.{name}$"],
+                    f"{ctx}.gate_up_{name}",
+                    [_StackExperts()],
+                )
+            )
+            out.append(
+                WeightConverter(
+                    [f"{ctx}.*.{down}.{name}$"], f"{ctx}.down_{name}", [_StackExperts()]
+                )
+            )
+        op = _StackExperts(scalar=True, invert=dialect.global_is_decode)
+        for leaf, dst in ((gate, "gate_global"), (up, "up_global"), (down, "down_global")):
+            out.append(WeightConverter([f"{ctx}.*.{leaf}.{_GLOBAL}$"], f"{ctx}.{dst}", [op]))
+    return out
+
+
+def _context(module: str) -> str:
+    """The last two parts of a module path ("mlp.experts"): what expert patterns match on."""
+    return ".".join(module.split(".")[-2:])
+
+
+# The stored global scale is first renamed to this name, so that no converter of the model
+# (e.g. `mlp.experts.*.gate_proj.weight`, which transformers 5.17 matches as a prefix of
+# `weight_global_scale`) takes it, then converted to `global_scale` or an expert stack.
+_GLOBAL = "mxptq_global"
+
+
+def _conversions(dialect: Dialect, experts: dict[str, tuple[str, str, str]]) -> list:
+    """Checkpoint tensor names -> PackedLinear and PackedExperts buffers. Patterns are anchored
+    at the name's end (`weight_scale` must not match ModelOpt's `weight_scale_2`, whatever
+    boundary rule the transformers release applies). Renames of dense keys (e.g. a kept layer's
+    ModelOpt-style `weight`) fall back to the original name because no buffer matches. Expert
+    converters come first: a key takes the first converter it matches."""
     return [
-        WeightRenaming(dialect.codes_name, "codes"),
-        WeightRenaming(dialect.scales_name, "scales"),
-        WeightConverter(dialect.global_name, "global_scale",
-                        [_Scalar(invert=dialect.global_is_decode)]),
+        WeightRenaming(f"{dialect.codes_name}$", "codes"),
+        WeightRenaming(f"{dialect.scales_name}$", "scales"),
+        WeightRenaming(f"{dialect.global_name}$", _GLOBAL),
+        *_expert_conversions(dialect, experts),
+        WeightConverter(f"{_GLOBAL}$", "global_scale", [_Scalar(invert=dialect.global_is_decode)]),
     ]
+
+
+_EXPERT_LEAVES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+def _packed_experts(model, packed: set[str]) -> dict[str, tuple[str, str, str]]:
+    """Fused-experts modules whose every expert projection the checkpoint stores packed:
+    module name -> the checkpoint's (gate, up, down) leaf names. Checkpoint names are first
+    put through the model's own renamings (e.g. Mixtral's `block_sparse_moe` -> `mlp`)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import rename_source_key
+
+    from .experts import fused_experts_shape
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    prefix = model.base_model_prefix
+    strip = re.compile(f"^{re.escape(prefix)}\\.") if prefix else None
+    names = set()
+    for name in packed:
+        renamed = rename_source_key(name, renamings, [])[0]
+        names.add(strip.sub("", renamed) if strip else renamed)
+    found = {}
+    for mname, mod in model.named_modules():
+        if not any(p.dim() == 3 for p in mod.parameters(recurse=False)):
+            continue
+        base = strip.sub("", mname) if strip else mname
+        pat = re.compile(f"^{re.escape(base)}\\.(\\d+)\\.(\\w+)$")
+        hits = {(int(m.group(1)), m.group(2)) for n in names if (m := pat.match(n))}
+        if not hits:
+            continue  # stored dense: transformers' own converters load it
+        shape = fused_experts_shape(mod)
+        if shape is None:
+            raise MxptqError(
+                f"{mname}: the checkpoint stores its experts packed, but mxptq runs packed only "
+                f"fused experts computed as act(x·gate) * (x·up) then ·down with [E, out, in] "
+                f"weights and no bias ({type(mod).__name__} is not)"
+            )
+        e = shape[0]
+        for leaves in _EXPERT_LEAVES:
+            if hits == {(i, leaf) for i in range(e) for leaf in leaves}:
+                found[mname] = leaves
+                break
+        else:
+            raise MxptqError(
+                f"{mname}: the checkpoint stores {len(hits)} of its {3 * e} expert projections "
+                "packed; mxptq loads fused experts only when all of them are"
+            )
+    return found
 
 
 class PackedHfQuantizer(HfQuantizer):
@@ -91,7 +202,8 @@ class PackedHfQuantizer(HfQuantizer):
     requires_calibration = True  # reads FP4 checkpoints; it does not quantize dense ones
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        from .linear import PackedLinear  # imports Triton: only once a model is loaded
+        from .experts import PackedExperts  # imports Triton: only once a model is loaded
+        from .linear import PackedLinear
 
         # mxptq.validate: config, containment of the files, headers, every quantized layer
         fmt, packed = check_files(self.quantization_config.checkpoint, checkpoint_files or [],
@@ -108,14 +220,27 @@ class PackedHfQuantizer(HfQuantizer):
             swapped += 1
             swapped_names.add(name)
             new = PackedLinear(
-                lin.in_features, lin.out_features, fmt, bias=lin.bias is not None,
-                dtype=lin.weight.dtype, device="meta",
+                lin.in_features,
+                lin.out_features,
+                fmt,
+                bias=lin.bias is not None,
+                dtype=lin.weight.dtype,
+                device="meta",
             )
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, new)
+        self._experts = _packed_experts(model, packed)
+        for name in self._experts:
+            old = model.get_submodule(name)
+            e, h, i = old.gate_up_proj.shape[0], old.down_proj.shape[1], old.down_proj.shape[2]
+            new = PackedExperts(e, h, i, old.act_fn, fmt, device="meta")
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+            swapped += 1
         if not swapped:  # loading on would leave every quantized layer randomly initialized
             raise MxptqError(
-                f"none of the checkpoint's {len(packed)} quantized modules is an nn.Linear of "
+                f"none of the checkpoint's {len(packed)} quantized modules is an nn.Linear or "
+                f"fused experts module of "
                 f"{type(model).__name__}; mxptq cannot load them packed"
             )
         refuse(partner_problems(linears, swapped_names),
@@ -133,7 +258,7 @@ class PackedHfQuantizer(HfQuantizer):
         return model
 
     def get_weight_conversions(self) -> list:
-        return _conversions(self.quantization_config.dialect())
+        return _conversions(self.quantization_config.dialect(), getattr(self, "_experts", {}))
 
     def is_serializable(self) -> bool:
         return False  # buffers are named codes/scales, not any dialect's names
@@ -141,6 +266,10 @@ class PackedHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True  # packed layers are custom operators: generate() may compile the model
 
 
 def _register() -> None:
