@@ -327,6 +327,11 @@ def full_model(model: str) -> dict:
             "bytes_out": output_bytes(specs)}
 
 
+def stage(msg: str) -> None:
+    """One line per finished stage on stderr, so a run cut short still shows how far it got."""
+    print(f"[pipeline] {msg}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(SHAPES), default="llama-8b")
@@ -371,6 +376,7 @@ def main() -> None:
     if not (src / "config.json").is_file():
         generate(src, a.model, c, a.shards, None if a.tiny else SHARD_GIB[a.model])
     gen_s = time.perf_counter() - t
+    stage(f"input ready ({est_in / GIB:.1f} GiB, {gen_s:.1f} s)")
     in_sizes = {p.name: p.stat().st_size for p in src.glob("*.safetensors")}
 
     cmd = [sys.executable, "-m", "mxptq.cli", "quantize", "--model", str(src), "--out", str(out),
@@ -391,10 +397,13 @@ def main() -> None:
         return secs
 
     cold = quantize()
+    stage(f"first quantize (cold) {cold:.1f} s")
     dry = quantize("--dry-run")  # start-up alone: imports, config, cached skeleton, plan
+    stage(f"dry run {dry:.1f} s")
     walls, internals = [], []
     for _ in range(a.repeat):
         walls.append(quantize())
+        stage(f"quantize {walls[-1]:.1f} s")
         report = json.loads((out / "mxptq_report.json").read_text())
         internals.append(report["timings"]["total_s"])
     wall = sorted(walls)[len(walls) // 2]  # the median run
@@ -406,6 +415,7 @@ def main() -> None:
 
     shutil.rmtree(floor_out, ignore_errors=True)
     floor = io_floor(src, floor_out, out_bytes)
+    stage(f"I/O floor {floor:.1f} s")
     shutil.rmtree(floor_out, ignore_errors=True)
     # The same floor as a fresh process (interpreter and torch start-up included), which is
     # what a separate safetensors-only tool would take end to end.
