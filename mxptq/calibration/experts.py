@@ -49,17 +49,17 @@ def pool_starved_experts(stats: dict[str, LinearStats], min_tokens: int | None =
     done: list[str] = []
     if min_tokens == 0:
         return done
+    pools = []  # every pool from the statistics as collected, before any is topped up
     for members in expert_groups(stats).values():
-        pool_n = sum(s.tokens for _, s in members)
-        if pool_n == 0:
-            continue
         own = [s for _, s in members if s.tokens]
-        pool_sq = sum(s.sq_sum for s in own)
-        pool_xtx = sum(s.xtx for s in own) if all(s.xtx is not None for s in own) else None
-        pool_amax = max(s.amax for s in own)
+        if own:
+            xtx = sum(s.xtx for s in own) if all(s.xtx is not None for s in own) else None
+            pools.append((members, sum(s.tokens for s in own), sum(s.sq_sum for s in own), xtx,
+                          max(s.amax for s in own)))
+    for members, pool_n, pool_sq, pool_xtx, pool_amax in pools:
         for _, s in members:
             target = min_tokens if min_tokens is not None else s.in_features
-            if s.tokens >= target:
+            if s.borrowed or s.tokens >= target:  # gate and up share one: topped up once
                 continue
             w = (target - s.tokens) / pool_n
             s.sq_sum = w * pool_sq if s.sq_sum is None else s.sq_sum + w * pool_sq
@@ -68,6 +68,5 @@ def pool_starved_experts(stats: dict[str, LinearStats], min_tokens: int | None =
             s.amax = max(s.amax, pool_amax)
             s.borrowed = target - s.tokens
             s.tokens = target
-        starved = {id(s) for _, s in members if s.borrowed}
-        done += [n for n, s in stats.items() if id(s) in starved]
-    return done
+    starved = {id(s) for s in stats.values() if s.borrowed}
+    return [n for n, s in stats.items() if id(s) in starved]
