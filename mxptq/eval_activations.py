@@ -18,6 +18,7 @@ with E2M1 rounding to nearest, ties to even (`quant_args.py::FP4_E2M1_DATA.cast_
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,28 +118,63 @@ def read_input_quant(path: str | Path) -> InputQuant | None:
     return InputQuant(scales, suffix[1:])
 
 
-def attach_input_quant(model: nn.Module, iq: InputQuant) -> list:
-    """Forward pre-hooks that fake-quantize the inputs of the Linears `iq` names (a quantized
-    PackedLinear or a dense nn.Linear); returns the handles. A name the model has no Linear of
-    (a fused-experts module holds its experts as one tensor) is refused: leaving it out would
-    score those inputs as W4A16."""
+_EXPERT = re.compile(r"^(.*)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)$")
+_WHICH = {"gate_proj": "gate_up", "up_proj": "gate_up", "w1": "gate_up", "w3": "gate_up",
+          "down_proj": "down", "w2": "down"}
+
+
+def _module(mods: dict, name: str, prefix: str):
+    mod = mods.get(name)
+    if mod is None and prefix and name.startswith(f"{prefix}."):
+        mod = mods.get(name[len(prefix) + 1 :])
+    return mod
+
+
+def attach_input_quant(model: nn.Module, iq: InputQuant) -> int:
+    """Fake-quantize the inputs of the Linears `iq` names (a quantized PackedLinear or a dense
+    nn.Linear, by forward pre-hooks) and of packed MoE experts (each expert's gate/up input
+    with its own g, the larger of gate's and up's as the engines fuse them, and its down
+    input with down's), in place; returns how many Linears. A name the model has nothing of
+    is refused: leaving it out would score its input as W4A16."""
+    from .runtime.experts import PackedExperts
     from .runtime.linear import PackedLinear
 
     mods = dict(model.named_modules())
     prefix = getattr(model, "base_model_prefix", "")
-    handles = []
+    experts: dict[int, tuple[PackedExperts, dict]] = {}
     for name, g in sorted(iq.scales.items()):
-        mod = mods.get(name)
-        if mod is None and prefix and name.startswith(f"{prefix}."):
-            mod = mods.get(name[len(prefix) + 1 :])
-        if not isinstance(mod, nn.Linear | PackedLinear):
+        mod = _module(mods, name, prefix)
+        if isinstance(mod, nn.Linear | PackedLinear):
+
+            def hook(m, args, g=g):
+                return (fake_quantize_nvfp4_input(args[0], g.to(args[0].device)), *args[1:])
+
+            mod.register_forward_pre_hook(hook)
+            continue
+        m = _EXPERT.match(name)
+        pe = next((x for ctx in ("mlp", "block_sparse_moe")
+                   if isinstance(x := _module(mods, f"{m[1]}.{ctx}.experts", prefix),
+                                 PackedExperts)), None) if m and m[3] in _WHICH else None
+        if pe is None:
             raise MxptqError(
                 f"{name}: the checkpoint stores its activation scale, but the loaded model has "
-                f"no Linear of that name ({type(mod).__name__ if mod else 'none'}); eval "
-                "emulates W4A4 on Linear layers only, not on fused MoE experts")
+                f"no Linear or packed expert of that name "
+                f"({type(mod).__name__ if mod is not None else 'none'}); eval cannot emulate it")
+        key = (int(m[2]), _WHICH[m[3]])
+        gs = experts.setdefault(id(pe), (pe, {}))[1]
+        gs[key] = torch.maximum(gs[key], g) if key in gs else g
+    for pe, gs in experts.values():
+        _wrap_experts(pe, gs)
+    return len(iq.scales)
 
-        def hook(m, args, g=g):
-            return (fake_quantize_nvfp4_input(args[0], g.to(args[0].device)), *args[1:])
 
-        handles.append(mod.register_forward_pre_hook(hook))
-    return handles
+def _wrap_experts(pe, gs: dict) -> None:
+    """Each expert's input quantized before its weights: PackedExperts' expert loop (the path
+    of every CPU call, where eval runs) calls `_expert_linear(x, e, which)` per expert."""
+    inner = pe._expert_linear
+
+    def expert_linear(x: torch.Tensor, e: int, which: str) -> torch.Tensor:
+        g = gs.get((e, which))
+        return inner(x if g is None else fake_quantize_nvfp4_input(x, g.to(x.device)), e, which)
+
+    pe._expert_linear = expert_linear

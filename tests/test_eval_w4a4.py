@@ -88,3 +88,39 @@ def test_w4a4_scores_as_served_not_as_its_w4a16_twin(tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir())
     want = perplexity(dense, tok, english_text(), mode="docs", ctx=64, max_sequences=3)
     assert p4 == pytest.approx(want.value, rel=1e-5)
+
+
+def test_packed_moe_experts_quantize_each_experts_input_with_its_own_scale(tmp_path):
+    from tiny_models import calibration_text, make
+
+    from mxptq.eval_activations import attach_input_quant, read_input_quant
+    from mxptq.runtime import load
+    from mxptq.runtime.experts import PackedExperts
+
+    src, out = make(tmp_path / "moe", "qwen3_moe"), tmp_path / "q"
+    quantize(src, out, "--scale", "absmax", "--scheme", "w4a4", "--calib",
+             str(calibration_text(tmp_path / "c.txt")), "--calib-samples", "4",
+             "--calib-seqlen", "32")
+    model = load(out, dtype=torch.float32).eval()
+    iq = read_input_quant(out)
+    assert attach_input_quant(model, iq) == len(iq.scales)
+    name = "model.layers.1.mlp.experts"
+    pe = model.get_submodule(name)
+    assert isinstance(pe, PackedExperts)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 64, generator=g) * 2
+    idx = torch.tensor([[0, 1], [2, 3], [1, 3], [0, 2], [3, 0], [1, 2]])
+    w = torch.rand(6, 2, generator=g)
+    with torch.no_grad():
+        got = pe(x, idx, w)
+    want = torch.zeros_like(x)
+    for t in range(6):
+        for j, e in enumerate(idx[t].tolist()):
+            p = f"{name}.{e}"
+            gu = torch.maximum(iq.scales[f"{p}.gate_proj"], iq.scales[f"{p}.up_proj"])
+            xe = ct_fake_quant(x[t : t + 1], gu)
+            gate = xe @ dequantize(pe.expert(e, "gate")).T
+            up = xe @ dequantize(pe.expert(e, "up")).T
+            h = ct_fake_quant(pe.act_fn(gate) * up, iq.scales[f"{p}.down_proj"])
+            want[t] += w[t, j] * (h @ dequantize(pe.expert(e, "down")).T)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
