@@ -124,3 +124,16 @@ def test_packed_moe_experts_quantize_each_experts_input_with_its_own_scale(tmp_p
             h = ct_fake_quant(pe.act_fn(gate) * up, iq.scales[f"{p}.down_proj"])
             want[t] += w[t, j] * (h @ dequantize(pe.expert(e, "down")).T)[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_fake_quant_is_the_served_quantization():
+    """What the calibration benchmark attaches from an amax equals what eval applies from the
+    stored g = 2688/amax."""
+    from mxptq.calibration import fake_quantize_activation
+    from mxptq.scales import global_encode_scale
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 256, generator=g) * torch.rand(64, 256, generator=g) ** 3 * 10
+    amax = float(x.abs().max()) * 0.9
+    gs = global_encode_scale(torch.tensor(amax), 448.0)
+    assert torch.equal(fake_quantize_activation(x, amax), fake_quantize_nvfp4_input(x, gs))
