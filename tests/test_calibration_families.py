@@ -59,7 +59,6 @@ def test_tiny_encoder_calibrates_end_to_end_from_the_cli(tmp_path):
     torch.testing.assert_close(embeddings(dense, inputs), packed, rtol=0, atol=2e-2)
 
 
-@pytest.mark.slow
 def test_minilm_sentence_embeddings_stay_close(tmp_path):
     out = tmp_path / "q"
     r = cli(minilm_dir(), out, *calib(tmp_path, 4, 64), "--importance", "--scale", "absmax")
@@ -98,6 +97,15 @@ def test_a_model_whose_layers_cannot_be_found_is_refused_before_any_output(tmp_p
     assert len(errors) == 1 and "T5ForConditionalGeneration" in errors[0]
     assert "internal error" not in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "t5"]
+
+
+def test_calib_generate_is_refused_for_an_encoder_before_any_output(tmp_path):
+    src = make(tmp_path / "bert", "bert")
+    r = cli(src, tmp_path / "q", "--calib", "generate:2", "--calib-seqlen", "8", "--importance")
+    assert r.exit_code == 2
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "causal LM" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert"]
 
 
 def _stats(tokens: list[float], k: int = 4) -> LinearStats:
