@@ -83,7 +83,7 @@ class _Dedup:
 
 def _capture_inputs(
     model, layers, store: WeightStore, ids: torch.Tensor, batch: int, hidden_device
-) -> tuple[torch.Tensor, list[list[dict]]]:
+) -> tuple[torch.Tensor, list[list[tuple[tuple, dict]]]]:
     """Layer-0 hidden states [n, L, H] and inputs[layer][batch] = (positional arguments after
     the hidden states, keyword arguments) from recorder passes."""
     hidden: list[torch.Tensor] = []
@@ -158,7 +158,7 @@ def calibrate(
     on_progress: Callable[[int, int], None] | None = None,
     min_expert_tokens: int | None = None,
 ) -> CalibrationResult:
-    """Collect per-Linear input statistics, one decoder layer at a time.
+    """Collect per-Linear input statistics, one transformer layer at a time.
 
     `model` is a checkpoint folder (loaded lazily) or a model already in memory (its layers
     visit the device one at a time and return to where they were). `on_layer` is called after
