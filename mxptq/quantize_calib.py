@@ -261,7 +261,7 @@ def _notes(planned: list[str], stats: dict, data: CalibData, opts: dict) -> list
     if missing and opts["scheme"] == "w4a4":
         raise MxptqError(
             f"--scheme w4a4: {missing[0]} got no calibration statistics (it is outside the "
-            "decoder layers); keep it dense with --ignore or --keep-lm-head"
+            "transformer layers); keep it dense with --ignore or --keep-lm-head"
         )
     notes = []
     pooled = [m for m, s in stats.items() if s.borrowed]
