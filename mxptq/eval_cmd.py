@@ -1,6 +1,7 @@
 """`mxptq eval`: perplexity of an original and (optionally) a quantized checkpoint on the same
 text, and the KL divergence of the quantized model's next-token distributions from the
-original's; optionally with NVFP4 attention emulated in the evaluated model.
+original's; a W4A4 checkpoint's activation quantization is emulated as served
+(eval_activations.py); optionally with NVFP4 attention emulated in the evaluated model.
 Register with `app.command("eval")(eval_command)`."""
 
 from __future__ import annotations
@@ -128,6 +129,15 @@ def run_eval(
     if quantized:
         check_quantized(quantized)
     test = load_causal_lm(quantized, "--quantized") if quantized else None
+    acts = None
+    if quantized:
+        from .eval_activations import attach_input_quant, read_input_quant
+
+        iq = read_input_quant(quantized)
+        if iq is not None:
+            attach_input_quant(test, iq)
+            acts = iq.describe()
+            console.print(f"note: {acts}", markup=False, highlight=False)
     ref = load_causal_lm(src, "--model")
     if emulate_attention:
         from .calibration.attention import use_emulated_attention
@@ -142,12 +152,14 @@ def run_eval(
     if test is not None:
         ppl, kl = score(test, seqs, reference_logprobs(ref, seqs))
         label = "quantized" if quantized else "original"
+        label += " (W4A4 activations)" if acts else ""
         label += f" + {emulate_attention} attention" if emulate_attention else ""
         rows[label] = {"perplexity": _finite(ppl, "--quantized", quantized or model),
                        "kl": kl.as_dict()}
     return {
         "model": model, "quantized": quantized, "data": data, "mode": prep.mode, "ctx": ctx,
         "emulate_attention": emulate_attention, "scale": scale if emulate_attention else None,
+        "activations": acts,
         "sequences": len(seqs), "tokens": sum(len(s) - 1 for s in seqs),
         "cut_documents": prep.cut_docs, "cut_tokens": prep.cut_tokens,
         "results": rows,
@@ -189,7 +201,8 @@ def eval_command(
     quantized: str = typer.Option(
         None, "--quantized", metavar="FOLDER", help="A checkpoint written by mxptq quantize "
         "(any dialect), loaded with mxptq.load so that it computes with exactly its packed "
-        "bytes (float32 on CPU). (default: evaluate --model only)"),
+        "bytes (float32 on CPU); a W4A4 checkpoint's NVFP4 input quantization is emulated as "
+        "served. (default: evaluate --model only)"),
     data: str = typer.Option(
         ..., "--data", metavar="TEXT", help="A text file (.txt, .raw, .jsonl or .parquet with a "
         "text field/column) or a datasets name when online (e.g. wikitext-2-raw-v1)."),

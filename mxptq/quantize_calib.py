@@ -74,7 +74,7 @@ def calib_window(config, seqlen: int) -> tuple[int, str | None]:
 def _windows(plan: Plan, opts: dict, run: CalibRun, state, seqlen: int, device) -> torch.Tensor:
     """The token windows: generated ones come back from the state on --resume; text is
     tokenized again and must give the windows the state was made with."""
-    from .calibration import generate_windows, load_calibration
+    from .calibration import generate_windows
     from .calibration.generate import load_generator
 
     n, seed = int(opts["calib-samples"]), int(opts["seed"])
@@ -96,11 +96,28 @@ def _windows(plan: Plan, opts: dict, run: CalibRun, state, seqlen: int, device) 
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(plan.model_dir)
-    ids = load_calibration(opts["calib"], tok, n, seqlen, seed)
+    ids = _text_windows(plan, opts["calib"], tok, n, seqlen, seed)
     if saved is not None and not torch.equal(saved, ids):
         raise MxptqError(f"--resume: {run.tmp} holds a calibration on other windows (the text "
                          "changed); drop --resume")
     return ids
+
+
+def _text_windows(plan: Plan, source: str, tok, n: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Windows of the text. An encoder (not a causal LM) is served whole sentences framed by its
+    tokenizer's special tokens, so each of its windows is [CLS] + seqlen - 2 tokens + [SEP]
+    when the tokenizer has both; a causal LM's windows are plain runs of text."""
+    from transformers import AutoConfig
+
+    from .calibration import load_calibration
+    from .calibration.layers import is_causal
+
+    cls, sep = getattr(tok, "cls_token_id", None), getattr(tok, "sep_token_id", None)
+    if is_causal(AutoConfig.from_pretrained(plan.model_dir)) or cls is None or sep is None \
+            or seqlen < 3:
+        return load_calibration(source, tok, n, seqlen, seed)
+    body = load_calibration(source, tok, n, seqlen - 2, seed)
+    return torch.cat([torch.full((n, 1), cls), body, torch.full((n, 1), sep)], dim=1)
 
 
 def _fill_empty_amax(stats: dict) -> None:
@@ -207,7 +224,8 @@ def run_calibration(plan: Plan, opts: dict, run: CalibRun) -> CalibData:
     data.summary = {
         "tokens": int(ids.numel()), "windows": list(ids.shape), "linears": len(stats),
         "source": "generate" if _generated(opts) else "text", "ids_sha256": _ids_digest(ids),
-        "empty": sorted(m for m, s in stats.items() if s.tokens == 0),
+        "empty": sorted(m for m, s in stats.items() if s.own_tokens == 0),
+        "pooled": sorted(m for m, s in stats.items() if s.borrowed),
         "gptq": len(data.gptq), "notes": notes, "resumed_at_layer": done,
         "seconds": time.perf_counter() - t0,
     }
@@ -243,13 +261,19 @@ def _notes(planned: list[str], stats: dict, data: CalibData, opts: dict) -> list
     if missing and opts["scheme"] == "w4a4":
         raise MxptqError(
             f"--scheme w4a4: {missing[0]} got no calibration statistics (it is outside the "
-            "decoder layers); keep it dense with --ignore or --keep-lm-head"
+            "transformer layers); keep it dense with --ignore or --keep-lm-head"
         )
     notes = []
+    pooled = [m for m, s in stats.items() if s.borrowed]
+    if pooled:
+        notes.append(f"{len(pooled)} quantized expert Linears saw fewer calibration tokens than "
+                     f"their input width (e.g. {pooled[0]}): their statistics are topped up "
+                     "with their sibling experts' (docs/calibration.md, \"Starved experts\")")
     empty = [m for m in planned if m not in data.importance]
     if opts["importance"] and empty:
-        notes.append(f"{len(empty)} quantized Linears saw no calibration token (unrouted "
-                     f"experts, or outside the decoder layers, e.g. {empty[0]}): plain RTN")
+        notes.append(f"{len(empty)} quantized Linears have no calibration statistics "
+                     f"(outside the transformer layers, or experts of a layer that routed no "
+                     f"token at all, e.g. {empty[0]}): plain RTN")
     if opts["algo"] == "gptq":
         rtn = [m for m in planned if m not in data.gptq]
         if rtn:

@@ -132,7 +132,8 @@ def fused_sets(value) -> list[tuple[str, ...]] | None:
 
 
 def check_calibration_source(plan: Plan, opts: dict) -> None:
-    """Calibration runs the model class on the source's stored weights: both must be there."""
+    """Calibration runs the model class on the source's stored weights: both must be there, and
+    the class must have a stack of layers calibration can find (refused before any output)."""
     if not opts["calib"]:
         return
     if plan.name_based:
@@ -141,6 +142,12 @@ def check_calibration_source(plan: Plan, opts: dict) -> None:
     if plan.source.name != "dense":
         raise MxptqError(f"--calib reads dense weights, and the source stores "
                          f"{plan.source.describe}; quantize without calibration flags (RTN)")
+    from .calibration.layers import check_calibratable
+
+    causal = check_calibratable(plan.model_dir)  # before anything is written
+    if parse_generate(opts["calib"])[0] and not causal:
+        raise MxptqError("--calib generate needs a causal LM to write its windows, and "
+                         f"{plan.model_dir} is not one; pass a calibration text")
 
 
 def name_table(plan: Plan) -> Table:

@@ -25,6 +25,12 @@ ARCHS = {
                          qk_nope_head_dim=16, v_head_dim=16, num_key_value_heads=4)),
 }
 
+# Other families (not in ARCHS, which the engine tests run through every serving engine)
+FAMILIES = {
+    "bert": (T.BertConfig, T.BertModel, {}),  # an encoder: its layers are encoder.layer
+    "t5": (T.T5Config, T.T5ForConditionalGeneration, dict(d_ff=128, d_kv=16)),  # two stacks
+}
+
 
 def save_tokenizer(folder: Path) -> None:
     """A character-level tokenizer (printable ASCII, ids 1..95) for the 128-token vocab."""
@@ -38,7 +44,7 @@ def save_tokenizer(folder: Path) -> None:
 
 def make(folder: Path, arch: str, **overrides) -> Path:
     """Save a seeded random `arch` model (plus tokenizer) into `folder`."""
-    cfg_cls, cls, extra = ARCHS[arch]
+    cfg_cls, cls, extra = {**ARCHS, **FAMILIES}[arch]
     torch.manual_seed(0)
     model = cls(cfg_cls(**{**COMMON, **extra, **overrides}))
     with torch.no_grad():  # heavier tails than the default init, like trained weights

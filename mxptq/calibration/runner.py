@@ -1,4 +1,5 @@
-"""Run calibration tokens through a causal LM one decoder layer at a time.
+"""Run calibration tokens through a model one transformer layer at a time (the decoder layers
+of a causal LM, the encoder layers of a BERT-style encoder; `layers.py` finds them).
 
 Only the current layer's weights sit on the device. The model is either built on the meta
 device and filled layer by layer from its safetensors shards, or (when checkpoint names need
@@ -19,7 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .experts import pool_starved_experts
 from .hooks import attach_stat_hooks
+from .layers import is_causal, transformer_layers
 from .stats import LinearStats
 from .weights import WeightStore, open_model
 
@@ -37,10 +40,12 @@ class LayerRun:
 
 @dataclass
 class CalibrationResult:
-    """Statistics of every quantizable Linear, and those that saw no token (unrouted experts)."""
+    """Statistics of every quantizable Linear, those that saw no token (unrouted experts) and
+    the experts whose statistics were completed from their siblings' (`experts.py`)."""
 
     stats: dict[str, LinearStats] = field(default_factory=dict)
     empty: list[str] = field(default_factory=list)
+    pooled: list[str] = field(default_factory=list)
     lazy: bool = True  # weights came from the shards one layer at a time
 
 
@@ -48,20 +53,13 @@ class _Stop(Exception):
     """Raised by the last layer's recorder: nothing after the decoder layers needs to run."""
 
 
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of decoder layers: the one whose length is num_hidden_layers."""
-    n = getattr(model.config.get_text_config(), "num_hidden_layers", None)
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == n and name.endswith("layers"):
-            return name, mod
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
-
-
 def _to(obj, device: torch.device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, tuple | list):
         return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
     return obj
 
 
@@ -85,18 +83,19 @@ class _Dedup:
 
 def _capture_inputs(
     model, layers, store: WeightStore, ids: torch.Tensor, batch: int, hidden_device
-) -> tuple[torch.Tensor, list[list[dict]]]:
-    """Layer-0 hidden states [n, L, H] and kwargs[layer][batch] from recorder passes."""
+) -> tuple[torch.Tensor, list[list[tuple[tuple, dict]]]]:
+    """Layer-0 hidden states [n, L, H] and inputs[layer][batch] = (positional arguments after
+    the hidden states, keyword arguments) from recorder passes."""
     hidden: list[torch.Tensor] = []
-    kwargs: list[list[dict]] = [[] for _ in layers]
+    kwargs: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
     dedup = _Dedup()
     last = len(layers) - 1
 
     def recorder(i: int):
         def forward(*args, **kw):
-            hs = args[0] if args else kw.pop("hidden_states")
+            hs, rest = (args[0], args[1:]) if args else (kw.pop("hidden_states"), ())
             kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value")}
-            kwargs[i].append({k: dedup(v) for k, v in kw.items()})
+            kwargs[i].append((dedup(rest), {k: dedup(v) for k, v in kw.items()}))
             if i == 0:
                 hidden.append(hs.to(hidden_device))
             if i == last:
@@ -108,11 +107,14 @@ def _capture_inputs(
     for i, layer in enumerate(layers):
         layer.forward = recorder(i)
     handles = store.load_on_call(model, skip=layers)
+    causal = is_causal(model.config)
     try:
         with torch.no_grad():
             for b in range(0, ids.shape[0], batch):
+                x = ids[b : b + batch].to(store.device)
+                extra = {} if causal else {"attention_mask": torch.ones_like(x)}
                 with contextlib.suppress(_Stop):
-                    model(input_ids=ids[b : b + batch].to(store.device), use_cache=False)
+                    model(input_ids=x, use_cache=False, **extra)
     finally:
         for layer in layers:
             del layer.forward
@@ -126,7 +128,8 @@ def _run_layer(layer, hidden, kwargs, batch: int, device, out: torch.Tensor | No
     """Forward every batch through one layer; writes outputs into `out` when given."""
     with torch.no_grad():
         for j, b in enumerate(range(0, hidden.shape[0], batch)):
-            y = layer(hidden[b : b + batch].to(device), **_to(kwargs[j], device))
+            args, kw = _to(kwargs[j], device)
+            y = layer(hidden[b : b + batch].to(device), *args, **kw)
             if out is not None:
                 out[b : b + batch] = (y[0] if isinstance(y, tuple) else y).to(out.device)
 
@@ -153,8 +156,9 @@ def calibrate(
     hidden: torch.Tensor | None = None,
     on_boundary: Callable[[int, torch.Tensor], None] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    min_expert_tokens: int | None = None,
 ) -> CalibrationResult:
-    """Collect per-Linear input statistics, one decoder layer at a time.
+    """Collect per-Linear input statistics, one transformer layer at a time.
 
     `model` is a checkpoint folder (loaded lazily) or a model already in memory (its layers
     visit the device one at a time and return to where they were). `on_layer` is called after
@@ -166,12 +170,16 @@ def calibrate(
     Resuming: `start` layers are taken as done and `hidden` [n, L, H] as the hidden states
     entering layer `start` (what `on_boundary(k, hidden)` was given after layer k-1, for every
     k up to the number of layers). `on_progress(done, total)` counts finished layers.
+
+    MoE experts that saw fewer than `min_expert_tokens` tokens (default: their input width)
+    have their statistics completed from their sibling experts' (`experts.py`) before
+    `on_layer` sees them; 0 turns that off.
     """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     model, store = open_model(model, device, dtype)
-    prefix, layers = decoder_layers(model)
+    prefix, layers = transformer_layers(model)
     n, seqlen = input_ids.shape
     hidden_size = model.config.get_text_config().hidden_size
     nbytes = n * seqlen * hidden_size * torch.finfo(dtype).bits // 8
@@ -201,6 +209,7 @@ def calibrate(
             for h in handles:
                 h.remove()
         result.empty += [k for k, s in stats.items() if s.tokens == 0]
+        result.pooled += pool_starved_experts(stats, min_expert_tokens)
         if on_layer is not None:
             on_layer(LayerRun(i, name, layer, stats))
             if sequential:

@@ -76,6 +76,7 @@ def stats_tensors(stats: dict[str, LinearStats]) -> dict[str, torch.Tensor]:
         out[f"{name}::tokens"] = torch.tensor(s.tokens, dtype=torch.int64)
         out[f"{name}::amax"] = torch.tensor(s.amax, dtype=torch.float64)
         out[f"{name}::in_features"] = torch.tensor(s.in_features, dtype=torch.int64)
+        out[f"{name}::borrowed"] = torch.tensor(s.borrowed, dtype=torch.int64)
         if s.sq_sum is not None:
             out[f"{name}::sq_sum"] = _own(s.sq_sum)
     return out
@@ -158,7 +159,8 @@ class CalibState:
                 qts[name] = QuantizedTensor(f["codes"], f["scales"], f.get("global_scale"), fmt)
             if "tokens" in f:
                 stats[name] = LinearStats(int(f["in_features"]), False, int(f["tokens"]),
-                                          f.get("sq_sum"), float(f["amax"]))
+                                          f.get("sq_sum"), float(f["amax"]),
+                                          borrowed=int(f.get("borrowed", 0)))
         return stats, qts
 
     # -- writing --------------------------------------------------------------------------

@@ -18,6 +18,12 @@ class LinearStats:
     sq_sum: torch.Tensor | None = None  # fp64 [K]: Σ x_k²
     amax: float = 0.0
     xtx: torch.Tensor | None = field(default=None, repr=False)  # fp32 [K, K]: Σ x xᵀ
+    borrowed: int = 0  # of `tokens`, how many are pooled from sibling experts (experts.py)
+
+    @property
+    def own_tokens(self) -> int:
+        """Tokens this Linear saw itself (0: an unrouted expert)."""
+        return self.tokens - self.borrowed
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate a batch of inputs [..., K]."""

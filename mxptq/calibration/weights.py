@@ -16,9 +16,10 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from ..errors import MxptqError
+from .layers import build, model_class
 
 
 def _shard_index(model_dir: Path) -> dict[str, Path]:
@@ -116,20 +117,23 @@ def open_model(
     model: str | Path | nn.Module, device: torch.device, dtype: torch.dtype
 ) -> tuple[nn.Module, WeightStore]:
     """A model and the store that feeds it: lazy when every parameter of the meta model has a
-    tensor of the same name in the shards, else loaded on CPU by transformers."""
+    tensor of the same name in the shards, else loaded on CPU by transformers. The class is
+    `layers.model_class`: a causal LM, or the encoder class config.json names."""
     if isinstance(model, nn.Module):
         return model.eval(), WeightStore(model, device, dtype)
     model_dir = Path(model)
     config = AutoConfig.from_pretrained(model_dir)
+    cls = model_class(config)
     with init_empty_weights():
-        meta = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        meta = build(cls, config, dtype)
     index = _shard_index(model_dir)
-    out_emb = {n for n, m in meta.named_modules() if m is meta.get_output_embeddings()}
+    out = meta.get_output_embeddings()
+    out_emb = {n for n, m in meta.named_modules() if out is not None and m is out}
     tie = config.get_text_config().tie_word_embeddings
     tied = {f"{n}.weight" for n in out_emb} if tie else set()
     missing = [k for k, _ in meta.named_parameters() if k not in index and k not in tied]
     if not missing:
         return meta.eval(), WeightStore(meta, device, dtype, index)
     with quiet_loading():
-        full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        full = cls.from_pretrained(model_dir, dtype=dtype)
     return full.eval(), WeightStore(full, device, dtype)
