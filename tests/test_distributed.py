@@ -1,0 +1,121 @@
+"""Weight-only quantization over several processes (torchrun, gloo on the CPU) writes every
+byte a single process writes; a failure in one rank stops them all with one error line; a run
+interrupted on N ranks resumes on M."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from quant_helpers import quantize
+from safetensors.torch import load_file, save_file
+from tiny_models import make
+
+from mxptq.checkpoint.dialects import get_dialect
+from mxptq.checkpoint.durable import KILL_ENV
+from mxptq.distributed import Dist, assign
+from mxptq.formats import get_format
+from mxptq.outdir import RECORDS, partial_dir
+from mxptq.pipeline import my_shards
+from mxptq.plan import build_plan
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SHARD = "40KB"  # 12 input shards: every rank gets several, fused partners straddle shards
+
+
+def torchrun(n: int, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node n -m mxptq quantize ... --device cpu` (a free
+    port of its own), killed with its whole process group if it hangs."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={n}", "-m", "mxptq", "quantize", "--device", "cpu", *args]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "MXPTQ_DIST_TIMEOUT": "60", **(env or {})},
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"torchrun hung:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def checkpoint_bytes(folder):
+    """Every file but the report (timings, memory)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+            if p.name != "mxptq_report.json"}
+
+
+def errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def failed_with(r: subprocess.CompletedProcess, code: int) -> bool:
+    """torchrun itself exits 1 when a rank fails; its summary lists every rank's status."""
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", r.stderr)
+    return r.returncode != 0 and codes and set(codes) == {str(code)}
+
+
+def test_assign_balances_bytes_deterministically():
+    sizes = [5, 1, 4, 2, 3, 3, 0]
+    for world in (1, 2, 3, 8):
+        parts = assign(sizes, world)
+        assert sorted(i for p in parts for i in p) == list(range(len(sizes)))
+        assert all(p == sorted(p) for p in parts)
+        loads = [sum(sizes[i] for i in p) for p in parts]
+        assert max(loads) - min(loads) <= max(sizes)
+        assert parts == assign(sizes, world)
+    assert assign(sizes, 2) == [[0, 1, 5, 6], [2, 3, 4]]  # 5+1+3+0 | 4+2+3 (largest first)
+
+
+@pytest.mark.parametrize("arch,ranks", [("llama", 2), ("qwen3_moe", 3)])
+def test_ranks_write_the_bytes_of_one_process(tmp_path, arch, ranks):
+    src = make(tmp_path / "src", arch, shard=SHARD)
+    assert len(list(src.glob("*.safetensors"))) >= 2 * ranks
+    one, many = tmp_path / "one", tmp_path / "many"
+    quantize(src, one, "--device", "cpu")
+    r = torchrun(ranks, "--model", str(src), "--out", str(many))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert checkpoint_bytes(many) == checkpoint_bytes(one)
+    rep1, repn = (json.loads((d / "mxptq_report.json").read_text()) for d in (one, many))
+    assert repn["tensors"] == rep1["tensors"]
+    assert not partial_dir(many).exists()
+
+
+def test_interrupted_on_three_ranks_resumes_on_two(tmp_path):
+    src = make(tmp_path / "src", "llama", shard=SHARD)
+    one, out = tmp_path / "one", tmp_path / "out"
+    quantize(src, one, "--device", "cpu")
+    args = ["--model", str(src), "--out", str(out)]
+    r = torchrun(3, *args, env={KILL_ENV: "shard-recorded#2@raise"})  # every rank, 2nd shard
+    assert failed_with(r, 2), r.stderr[-3000:]
+    lines = errors(r.stderr)
+    assert len(lines) == 1 and "--resume" in lines[0], r.stderr[-3000:]
+    assert not out.exists()
+    done = list((partial_dir(out) / RECORDS).glob("*.json"))
+    assert 2 <= len(done) <= 6  # each rank kept what it finished before the stop
+    r = torchrun(2, *args, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert checkpoint_bytes(out) == checkpoint_bytes(one)
+
+
+def test_bad_tensor_on_one_rank_stops_all_with_one_error(tmp_path):
+    src = make(tmp_path / "src", "qwen3_moe", shard=SHARD)
+    plan = build_plan(src, get_format("nvfp4"), "search", get_dialect("compressed-tensors"))
+    todo = my_shards(plan, plan.shards, Dist(rank=1, world=2, local_rank=1, store=None))
+    victim = next(p for p in todo if any(k.endswith("proj.weight") for k in load_file(p)))
+    tensors = load_file(victim)
+    name = next(k for k in tensors if k.endswith("proj.weight"))
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = torch.nan
+    save_file(tensors, victim, metadata={"format": "pt"})
+    out = tmp_path / "out"
+    r = torchrun(2, "--model", str(src), "--out", str(out))
+    assert failed_with(r, 2), r.stderr[-3000:]
+    lines = errors(r.stderr)
+    assert len(lines) == 1 and name in lines[0], r.stderr[-3000:]
+    assert not out.exists() and not partial_dir(out).exists()
