@@ -319,7 +319,7 @@ def fail(msg: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def guarded(fn, *args) -> None:
+def guarded(fn, *args):
     """One line per failure: MxptqError is the user's (exit 2); Ctrl-C and SIGTERM stop with
     one line (exit 130 / 143); anything else is ours (exit 1, traceback with MXPTQ_DEBUG=1).
     Under torchrun the first rank's failure stops every rank; rank 0 prints its line."""
@@ -327,7 +327,7 @@ def guarded(fn, *args) -> None:
     part = partial_dir(Path(out).expanduser().resolve()) if out else None
     dist = distributed.from_env()
     try:
-        fn(*args)
+        result = fn(*args)
     except BaseException as e:
         if isinstance(e, SystemExit) and (dist is None or not e.code):
             raise
@@ -340,6 +340,7 @@ def guarded(fn, *args) -> None:
         sys.exit(code)
     if dist is not None:
         dist.close()
+    return result
 
 
 def _outcome(e: BaseException, part: Path | None) -> tuple[str, int]:
