@@ -225,9 +225,6 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
         fused_sets(opts["fused-set"]),
     )
     check_calibration_source(plan, opts)
-    if dist is not None and opts["calib"]:
-        raise MxptqError("calibration (--calib) runs in one process: quantize with calibration "
-                         "flags without torchrun or --gpus")
     missing = missing_linears(plan)
     if missing:
         raise MxptqError(f"{model_dir}: the model has {len(missing)} Linear layers the checkpoint "
@@ -263,8 +260,8 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
                 # all shards done but not finalized: the saved calibration is reloaded (cheap)
                 # for the report
                 show = not as_json and console.is_terminal
-                ropts.calib = run_calibration(plan, opts, CalibRun(begun.prep.tmp, begun.sig,
-                                                                   resume, console, show))
+                ropts.calib = _calibrate(plan, opts, CalibRun(begun.prep.tmp, begun.sig, resume,
+                                                              console, show), dist)
             report = _run(plan, ropts, begun, console, as_json, dist)
     finally:
         if main:
@@ -277,6 +274,21 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
                           "plan": plan.summary(),
                           "quantization_error": report["quantization_error"],
                           "timings": report["timings"]}, indent=2))
+
+
+def _calibrate(plan: Plan, opts: dict, run: CalibRun, dist: distributed.Dist | None):
+    """Calibration runs on rank 0 (one process) and saves every layer's results in the
+    partial folder as it goes (for --resume); the other ranks wait for it, then load what it
+    saved, as a resume past the last layer does: every rank streams with the same data."""
+    if dist is None:
+        return run_calibration(plan, opts, run)
+    if dist.main:
+        data = run_calibration(plan, opts, run)
+        dist.share("calibrated", lambda: True)
+        return data
+    dist.share("calibrated", lambda: True)  # waits (polling, no collective timeout)
+    return run_calibration(plan, opts, CalibRun(run.tmp, run.signature, True, run.console,
+                                                False))
 
 
 def _run(plan: Plan, ropts: RunOptions, begun, console: Console, as_json: bool,

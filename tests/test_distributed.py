@@ -1,6 +1,6 @@
-"""Weight-only quantization over several processes (torchrun, gloo on the CPU) writes every
-byte a single process writes; a failure in one rank stops them all with one error line; a run
-interrupted on N ranks resumes on M."""
+"""Quantization over several processes (torchrun, gloo on the CPU) writes every byte a single
+process writes, weight-only and with calibration (GPTQ + importance); a failure in one rank stops
+them all with one error line; a run interrupted on N ranks resumes on M."""
 
 import json
 import os
@@ -13,7 +13,7 @@ import pytest
 import torch
 from quant_helpers import quantize
 from safetensors.torch import load_file, save_file
-from tiny_models import make
+from tiny_models import calibration_text, make
 
 from mxptq.checkpoint.dialects import get_dialect
 from mxptq.checkpoint.durable import KILL_ENV
@@ -79,6 +79,7 @@ def test_assign_balances_bytes_deterministically():
     assert assign(sizes, 2) == [[0, 1, 5, 6], [2, 3, 4]]  # 5+1+3+0 | 4+2+3 (largest first)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,ranks", [("llama", 2), ("qwen3_moe", 3)])
 def test_ranks_write_the_bytes_of_one_process(tmp_path, arch, ranks):
     src = make(tmp_path / "src", arch, shard=SHARD)
@@ -93,6 +94,7 @@ def test_ranks_write_the_bytes_of_one_process(tmp_path, arch, ranks):
     assert not partial_dir(many).exists()
 
 
+@pytest.mark.slow
 def test_interrupted_on_three_ranks_resumes_on_two(tmp_path):
     src = make(tmp_path / "src", "llama", shard=SHARD)
     one, out = tmp_path / "one", tmp_path / "out"
@@ -110,6 +112,7 @@ def test_interrupted_on_three_ranks_resumes_on_two(tmp_path):
     assert checkpoint_bytes(out) == checkpoint_bytes(one)
 
 
+@pytest.mark.slow
 def test_bad_tensor_on_one_rank_stops_all_with_one_error_line(tmp_path):
     src = make(tmp_path / "src", "qwen3_moe", shard=SHARD)
     plan = build_plan(src, get_format("nvfp4"), "search", get_dialect("compressed-tensors"))
@@ -150,3 +153,18 @@ def test_gpus_without_cuda_is_one_error_line(tmp_path):
                                  str(tmp_path / "o"), "--gpus", "0,1"])
     assert r.exit_code == 2 and r.stderr.strip() == (
         "error: --gpus: no CUDA device is available (torch sees none)")
+
+
+@pytest.mark.slow
+def test_calibrated_gptq_on_ranks_writes_the_bytes_of_one_process(tmp_path):
+    """Calibration runs on rank 0; the others load what it saved and stream their shards."""
+    src = make(tmp_path / "src", "qwen3_moe", shard=SHARD)
+    calib = ["--calib", str(calibration_text(tmp_path / "calib.txt")), "--calib-samples", "4",
+             "--calib-seqlen", "32", "--algo", "gptq", "--importance"]
+    one, many = tmp_path / "one", tmp_path / "many"
+    quantize(src, one, "--device", "cpu", *calib)
+    r = torchrun(2, "--model", str(src), "--out", str(many), *calib)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert checkpoint_bytes(many) == checkpoint_bytes(one)
+    rep = json.loads((many / "mxptq_report.json").read_text())
+    assert rep["calibration"]["gptq"] > 0 and rep["calibration"]["resumed_at_layer"] == 0
