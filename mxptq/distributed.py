@@ -166,6 +166,10 @@ class Dist:
         import shutil
 
         first = {"message": message, "code": code, "rank": self.rank}
+        # from here on, torchrun's SIGTERM (sent once another rank exited) ends this rank with
+        # the status the ranks agree on, not as killed by the signal
+        with contextlib.suppress(ValueError):  # not the main thread: keep the default
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(first["code"]))
         try:
             if own and self.store.add(_K_FAILURES, 1) == 1:
                 self.store.set(_K_ERROR, json.dumps(dict(first, drop=drop)))
@@ -174,11 +178,8 @@ class Dist:
             while self.store.add(_K_STOPPED, 0) < self.world and time.monotonic() < deadline:
                 time.sleep(_POLL)
             posted = self._wait_bounded(_K_ERROR, 5.0)
-            first = json.loads(posted) if posted else first
-            # from here on, torchrun's SIGTERM (another rank exited first) ends with the status
-            # all ranks agree on
-            with contextlib.suppress(ValueError):
-                signal.signal(signal.SIGTERM, lambda *_: os._exit(first["code"]))
+            if posted:
+                first.update(json.loads(posted))
             if self.main:
                 if first.get("drop") and partial is not None:
                     shutil.rmtree(partial, ignore_errors=True)

@@ -348,8 +348,11 @@ def guarded(fn, *args):
             fail(msg, code)
         peer = isinstance(e, distributed.PeerFailed)
         code = dist.stop(msg, code, isinstance(e, distributed.DropPartial), part, not peer)
-        dist.close()
-        sys.exit(code)
+        # at once: an interpreter shutting down puts SIGTERM's default back, and torchrun
+        # sends one to every rank still running once the first has exited
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     if dist is not None:
         dist.close()
     return result
