@@ -168,3 +168,38 @@ def test_calibrated_gptq_on_ranks_writes_the_bytes_of_one_process(tmp_path):
     assert checkpoint_bytes(many) == checkpoint_bytes(one)
     rep = json.loads((many / "mxptq_report.json").read_text())
     assert rep["calibration"]["gptq"] > 0 and rep["calibration"]["resumed_at_layer"] == 0
+
+
+def test_progress_of_all_ranks_reaches_rank_0_and_a_failure_stops_the_others():
+    """Two ranks on one in-memory store: rank 0's callback sees both ranks' tensors and
+    bytes; once rank 1 posts a failure, rank 0's next tick raises it."""
+    import time
+
+    from torch.distributed import HashStore
+
+    from mxptq.distributed import PeerFailed
+
+    store = HashStore()
+    r0, r1 = (Dist(rank=r, world=2, local_rank=r, store=store) for r in (0, 1))
+    seen = [0, 0]
+
+    def on_progress(n: int, b: int) -> None:
+        seen[0] += n
+        seen[1] += b
+
+    with r0.show_progress(on_progress):
+        t0, t1 = r0.ticker(), r1.ticker()
+        t0(2, 100)
+        t1(3, 1000)
+        t1(1, 10)
+        t0.flush()
+        t1.flush()
+        time.sleep(0.5)
+    assert seen == [6, 1110]
+    assert r0.share("start", lambda: {"done": 3}) == {"done": 3}
+    assert r1.share("start", lambda: None) == {"done": 3}  # rank 0's value, not its own
+    store.set("mxptq/error", json.dumps({"message": "bad tensor", "code": 2, "drop": True,
+                                         "rank": 1}))
+    with pytest.raises(PeerFailed, match="bad tensor"):
+        time.sleep(0.25)
+        t0(1, 1)
