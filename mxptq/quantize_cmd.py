@@ -277,18 +277,12 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
 
 
 def _calibrate(plan: Plan, opts: dict, run: CalibRun, dist: distributed.Dist | None):
-    """Calibration runs on rank 0 (one process) and saves every layer's results in the
-    partial folder as it goes (for --resume); the other ranks wait for it, then load what it
-    saved, as a resume past the last layer does: every rank streams with the same data."""
-    if dist is None:
-        return run_calibration(plan, opts, run)
-    if dist.main:
-        data = run_calibration(plan, opts, run)
-        dist.share("calibrated", lambda: True)
-        return data
-    dist.share("calibrated", lambda: True)  # waits (polling, no collective timeout)
-    return run_calibration(plan, opts, CalibRun(run.tmp, run.signature, True, run.console,
-                                                False))
+    """Calibration on every rank: each runs the layers on all windows, and GPTQ's work is
+    split between them layer by layer (quantize_calib); rank 0 alone saves the state and shows
+    the bar."""
+    if dist is not None and not dist.main:
+        run = CalibRun(run.tmp, run.signature, run.resume, run.console, False)
+    return run_calibration(plan, opts, run, dist)
 
 
 def _run(plan: Plan, ropts: RunOptions, begun, console: Console, as_json: bool,
