@@ -160,7 +160,8 @@ def quantize_cmd(
         None, "--gpus", metavar="LIST|all", help="Spread the work over these GPUs of this "
         "machine (e.g. 0,1,2,3 or all): one process per GPU, as `torchrun --nproc-per-node N "
         "-m mxptq quantize ...` starts; input shards are split between them and the output "
-        "is byte-identical to one process. Weight-only (no --calib). (default: one process)"),
+        "is byte-identical to one process; with --algo gptq each layer's GPTQ is split too. "
+        "(default: one process)"),
     recipe: Path = typer.Option(  # noqa: B008
         None, "--recipe", metavar="YAML", help="File whose keys are these flags (e.g. recipes/"
         "nvfp4-search.yaml); flags on the command line override it. (default: none)"),
