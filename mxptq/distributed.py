@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import pickle
+import shutil
 import signal
 import sys
 import threading
@@ -158,13 +159,11 @@ class Dist:
 
     # --- ending ----------------------------------------------------------------------------
     def stop(self, message: str, code: int, drop: bool, partial: Path | None,
-             own: bool) -> tuple[str, int]:
+             own: bool) -> int:
         """End this rank after a failure (`own`: its own, else a peer's): post it if it is the
         first, wait (bounded) for every rank to stop; rank 0 then removes the partial folder
         when the failure asks for it and prints the first failure's line before it lets the
         others go (torchrun stops every process once one exits). Returns the exit status."""
-        import shutil
-
         first = {"message": message, "code": code, "rank": self.rank}
         # from here on, torchrun's SIGTERM (sent once another rank exited) ends this rank with
         # the status the ranks agree on, not as killed by the signal
