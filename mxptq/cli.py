@@ -156,6 +156,12 @@ def quantize_cmd(
         None, "--scheme", metavar="[w4a16|w4a4]", help="w4a16: FP4 weights, activations stay "
         "16-bit; w4a4: also writes static activation global scales (nvfp4 block 16, "
         "compressed-tensors or modelopt; needs --calib). (default: w4a16)"),
+    gpus: str = typer.Option(
+        None, "--gpus", metavar="LIST|all", help="Spread the work over these GPUs of this "
+        "machine (e.g. 0,1,2,3 or all): one process per GPU, as `torchrun --nproc-per-node N "
+        "-m mxptq quantize ...` starts; input shards are split between them and the output "
+        "is byte-identical to one process; with --algo gptq each layer's GPTQ is split too. "
+        "(default: one process)"),
     recipe: Path = typer.Option(  # noqa: B008
         None, "--recipe", metavar="YAML", help="File whose keys are these flags (e.g. recipes/"
         "nvfp4-search.yaml); flags on the command line override it. (default: none)"),
@@ -174,6 +180,15 @@ def quantize_cmd(
 ) -> None:
     """Quantize a Hugging Face checkpoint to NVFP4 / MXFP4, streaming one shard at a time."""
     from .quantize_cmd import guarded, quantize_main
+
+    if gpus is not None and not dry_run:
+        import sys
+
+        from .launch import run_on_gpus
+
+        code = guarded(run_on_gpus, gpus, sys.argv[1:])
+        if code is not None:
+            raise typer.Exit(code)
 
     cli = {
         "model": model, "format": format, "scale": scale, "out": out,

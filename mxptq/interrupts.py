@@ -21,7 +21,8 @@ RECEIVED: list[int] = []
 
 
 def _exit_now(signum, frame) -> None:
-    print("error: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets it: one line
+        print("error: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
     os._exit(130)
 
 

@@ -26,6 +26,7 @@ from .checkpoint.durable import copy_atomic, event, fsync_dir, write_atomic
 from .checkpoint.manifest import write_manifest
 from .checkpoint.report import REPORT_NAME, write_report
 from .checkpoint.safetensors_io import ShardWriter, read_header_bytes, write_index
+from .distributed import Dist, DropPartial, PeerFailed, assign
 from .errors import MxptqError, ResumableError
 from .outdir import (
     OutputLock,
@@ -400,23 +401,47 @@ def start(plan: Plan, opts: RunOptions) -> Start:
     return Start(prep, sig, prints, names)
 
 
+def start_shared(plan: Plan, opts: RunOptions, dist: Dist | None) -> Start:
+    """`start` on rank 0 (which holds the --out lock), the same decision on every rank."""
+    if dist is None:
+        return start(plan, opts)
+    return dist.share("start", lambda: start(plan, opts))
+
+
+def my_shards(plan: Plan, todo: list[Path], dist: Dist | None) -> list[Path]:
+    """The shards of `todo` this rank writes: split over the ranks balanced by input bytes."""
+    if dist is None:
+        return todo
+    by_shard = plan.by_shard()
+    sizes = [sum(plan.source.nbytes(it.info) for it in by_shard.get(s.name, [])) for s in todo]
+    return [todo[i] for i in assign(sizes, dist.world)[dist.rank]]
+
+
 def run(
     plan: Plan,
     opts: RunOptions,
     on_progress: Callable[[int, int], None] | None = None,
     begun: Start | None = None,
+    dist: Dist | None = None,
 ) -> dict:
     """Quantize the whole plan into opts.out; returns the report dict. Holds the --out lock
     for the whole run; `begun` is what `start` decided, if the caller called it (holding the
-    lock since)."""
+    lock since). With `dist`, this rank writes its share of the shards, and rank 0 (the only
+    one holding the lock) writes index, config and report once every rank finished; other
+    ranks return an empty dict."""
     t0 = time.perf_counter() if opts.started is None else opts.started
     device = resolve_device(opts.device)
+    if dist is not None:
+        device = dist.device(device)
+    main = dist is None or dist.main
     side, _ = opts.side if opts.side is not None else side_files(plan.model_dir)
-    with OutputLock(opts.out):
-        b = begun or start(plan, opts)
+    with OutputLock(opts.out) if main else contextlib.nullcontext():
+        b = begun or start_shared(plan, opts, dist)
         prep, tmp = b.prep, b.prep.tmp
         try:
             if prep.finished or prep.complete:
+                if not main:
+                    return {}
                 if prep.complete:
                     move_into_place(tmp, opts.out)
                 if opts.on_note:
@@ -425,16 +450,36 @@ def run(
                 with contextlib.suppress(OSError, ValueError):
                     return json.loads((opts.out / REPORT_NAME).read_text())
                 return {}
-            todo = [s for s in plan.shards if s.name not in prep.done]
-            records = _stream(plan, opts, device, tmp, b.names, todo, b.prints, on_progress)
+            todo = my_shards(plan, [s for s in plan.shards if s.name not in prep.done], dist)
+            if dist is None:
+                records = _stream(plan, opts, device, tmp, b.names, todo, b.prints, on_progress)
+            else:
+                tick = dist.ticker()
+                with dist.show_progress(on_progress):
+                    records = _stream(plan, opts, device, tmp, b.names, todo, b.prints, tick)
+                    tick.flush()
+                    parts = dist.gather("records", records)
+                if not main:
+                    dist.share("finalized", lambda: None)  # wait for rank 0's finalize
+                    return {}
+                for p in parts:
+                    records.update(p)
             records.update(prep.done)
-            return finalize(plan, opts, tmp, b.names, records, time.perf_counter() - t0,
-                            device, side, b.sig)
+            report = finalize(plan, opts, tmp, b.names, records, time.perf_counter() - t0,
+                              device, side, b.sig)
+            if dist is not None:
+                dist.share("finalized", lambda: True)
+            return report
         except OSError as e:
             raise _resumable(e, tmp) from e
         except MxptqError as e:
-            if not isinstance(e, ResumableError):  # bad input: a resume would fail the same way
-                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, ResumableError):
+                raise
+            if dist is not None:  # rank 0 removes the folder once every rank stopped
+                if isinstance(e, DropPartial | PeerFailed):
+                    raise
+                raise DropPartial(str(e)) from e
+            shutil.rmtree(tmp, ignore_errors=True)  # bad input: a resume would fail the same
             raise
 
 

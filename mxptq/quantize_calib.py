@@ -21,6 +21,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .distributed import Dist, assign
 from .errors import MxptqError
 from .outdir import CALIB_STATE_DIR
 from .pipeline import CalibData, resolve_device
@@ -132,12 +133,16 @@ def _fill_empty_amax(stats: dict) -> None:
             s.amax = best[key[n]]
 
 
-def run_calibration(plan: Plan, opts: dict, run: CalibRun) -> CalibData:
+def run_calibration(plan: Plan, opts: dict, run: CalibRun, dist: Dist | None = None) -> CalibData:
     """Calibrate once before streaming: per-Linear input statistics (importance, W4A4 amax)
     and, with --algo gptq, the GPTQ result of every Linear and expert the plan quantizes, held in
     host memory until its shard is written. Each finished layer's results and (at most once a
     minute, and on Ctrl-C) the hidden states entering the next layer are saved in the partial
-    folder; with --resume a saved state of the same run is continued."""
+    folder; with --resume a saved state of the same run is continued.
+
+    With `dist`, every rank runs the layers on all windows (the same statistics everywhere),
+    GPTQ of each layer is split over the ranks by fused set and expert, and the results are
+    exchanged before the next layer runs; rank 0 alone writes the saved state."""
     from transformers import AutoConfig
 
     from .calibration import (
@@ -160,9 +165,15 @@ def run_calibration(plan: Plan, opts: dict, run: CalibRun) -> CalibData:
         run.console.print(f"note: {note}")
     state = CalibState(run.tmp / CALIB_STATE_DIR, run.signature, n_layers)
     done = state.resume_point() if run.resume else 0
-    ids = _windows(plan, opts, run, state, seqlen, device)
-    if done == 0:
-        state.start(ids)
+    lead = dist is None or dist.main
+
+    def windows() -> torch.Tensor:
+        ids = _windows(plan, opts, run, state, seqlen, device)
+        if done == 0:
+            state.start(ids)
+        return ids
+
+    ids = windows() if dist is None else dist.share("calib-ids", windows)
     planned = [m for it in plan.items if it.action == "quantize" for m in it.modules]
     gptq = opts["algo"] == "gptq"
     copts = CalibOptions(
@@ -182,13 +193,15 @@ def run_calibration(plan: Plan, opts: dict, run: CalibRun) -> CalibData:
     def on_layer(lr) -> None:
         qts = {}
         if gptq:
-            done_ = quantize_layer(lr, copts, set(to_ckpt))
+            done_ = (quantize_layer(lr, copts, set(to_ckpt)) if dist is None else
+                     _split_layer(lr, copts, set(to_ckpt), dist))
             qts = {to_ckpt[n]: qt.to("cpu") for n, qt in done_.items()}
         layer_stats = {}
         for n, st in lr.stats.items():
             st.xtx = None  # the Hessian is used up; keep E[x²] and amax only
             layer_stats[to_ckpt.get(n, n)] = st.to("cpu")
-        state.save_layer(lr.index, layer_stats, qts)
+        if lead:
+            state.save_layer(lr.index, layer_stats, qts)
         data.gptq.update(qts)
         stats.update(layer_stats)
 
@@ -196,7 +209,8 @@ def run_calibration(plan: Plan, opts: dict, run: CalibRun) -> CalibData:
 
     def on_boundary(k: int, hidden: torch.Tensor) -> None:
         last[:] = [k, hidden]
-        state.boundary(k, hidden)
+        if lead:
+            state.boundary(k, hidden)
 
     if done < n_layers:
         if done:
@@ -210,7 +224,7 @@ def run_calibration(plan: Plan, opts: dict, run: CalibRun) -> CalibData:
                           hidden=hidden, on_boundary=on_boundary,
                           on_progress=lambda k, n: bar.update(task, completed=k))
             except KeyboardInterrupt:
-                raise _interrupted(state, last, done, n_layers, run.tmp,
+                raise _interrupted(state if lead else None, last, done, n_layers, run.tmp,
                                    _generated(opts)) from None
     stats = {m: stats[m] for m in planned if m in stats}
     if opts["importance"]:
@@ -232,18 +246,61 @@ def run_calibration(plan: Plan, opts: dict, run: CalibRun) -> CalibData:
     return data
 
 
+def _split_layer(lr, copts, include: set[str], dist: Dist) -> dict:
+    """This rank's share of the layer's GPTQ (fused sets and experts balanced by cost), the
+    others' results gathered, and the layer's weights then replaced by all of them."""
+    import torch.distributed as tdist
+
+    from .calibration.apply import apply_results, layer_units, quantize_layer
+
+    units = layer_units(lr, copts, include)
+    mine = assign([c for _, c in units], dist.world)[dist.rank]
+    names = {n for i in mine for n in units[i][0]}
+    # the Linears outside every unit (block does not divide them) stay dense, as in one process
+    own = quantize_layer(lr, copts, include & names)
+    parts: list = [None] * dist.world
+    tdist.all_gather_object(parts, {n: _packed(qt) for n, qt in own.items()})
+    fmt = next(iter(own.values())).format if own else None
+    merged: dict = {}
+    for r, part in enumerate(parts):
+        if r == dist.rank:
+            merged.update(own)
+            continue
+        got = {n: _unpacked(p, fmt, copts) for n, p in part.items()}
+        apply_results(lr, got)
+        merged.update(got)
+    return merged
+
+
+def _packed(qt) -> tuple:
+    """A QuantizedTensor as plain bytes (torch's object collectives do not carry float8)."""
+    g = None if qt.global_scale is None else qt.global_scale.detach().cpu().clone()
+    return (qt.codes.detach().cpu().contiguous().clone(),
+            qt.scales.detach().cpu().contiguous().view(torch.uint8).clone(),
+            str(qt.scales.dtype).removeprefix("torch."), g)
+
+
+def _unpacked(p: tuple, fmt, copts):
+    from .formats import get_format
+    from .tensor import QuantizedTensor
+
+    codes, scales, dtype, g = p
+    fmt = fmt or get_format(copts.format, copts.block_size)
+    return QuantizedTensor(codes, scales.view(getattr(torch, dtype)), g, fmt)
+
+
 def _generated(opts: dict) -> bool:
     return parse_generate(opts["calib"])[0]
 
 
 def _interrupted(state, last: list, done: int, n_layers: int, tmp: Path,
                  generated: bool) -> MxptqError:
-    """Save the last finished layer's boundary and say how to continue."""
-    if last:
+    """Save the last finished layer's boundary (rank 0 does) and say how to continue."""
+    if last and state is not None:
         k, hidden = last
         state.boundary(k, hidden, force=True)
     else:
-        k = done
+        k = last[0] if last else done
     if k == 0 and generated:
         return MxptqError("interrupted during calibration before its first layer finished; "
                           f"the generated windows are kept in {tmp}: rerun the same command "

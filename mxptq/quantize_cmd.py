@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from . import interrupts
+from . import distributed, interrupts
 from .checkpoint.dialects import default_dialect, get_dialect
 from .checkpoint.durable import reset_events
 from .checkpoint.paths import check_disjoint
@@ -32,7 +33,7 @@ from .errors import MxptqError
 from .formats import FORMATS, get_format
 from .interrupts import RECEIVED
 from .outdir import OutputLock, lock_path, old_dir, partial_dir
-from .pipeline import RunOptions, missing_linears, run, start
+from .pipeline import RunOptions, missing_linears, run, start_shared
 from .plan import Plan, build_plan
 from .quantize_calib import CalibRun, parse_generate, run_calibration
 from .recipes import load_recipe, merge
@@ -217,7 +218,9 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
                   as_json: bool) -> None:
     """Everything after argument parsing; raises MxptqError for the user's mistakes."""
     started = time.perf_counter()
-    console = Console(stderr=as_json)
+    dist = distributed.current()
+    lead = dist is None or dist.main
+    console = Console(stderr=as_json, quiet=not lead)  # rank 0 speaks for the whole job
     reset_events()
     opts = resolve_options(cli, recipe)
     out = Path(opts["out"]).expanduser().resolve()
@@ -243,7 +246,7 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
         console.print(f"note: {note}")
     if dry_run:
         console.print(f"dry run: nothing was written; without --dry-run this writes {out}")
-        if as_json:
+        if as_json and lead:
             print(json.dumps({"dry_run": True, **_choices(plan, opts), "out": str(out),
                               "plan": plan.summary()}, indent=2))
         return
@@ -258,19 +261,19 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
     interrupts.writing()
     try:
-        with OutputLock(out):
-            begun = start(plan, ropts)
+        with OutputLock(out) if lead else contextlib.nullcontext():
+            begun = start_shared(plan, ropts, dist)
             if opts["calib"] and not (begun.prep.finished or begun.prep.complete):
                 # all shards done but not finalized: the saved calibration is reloaded (cheap)
                 # for the report
                 show = not as_json and console.is_terminal
-                ropts.calib = run_calibration(plan, opts, CalibRun(begun.prep.tmp, begun.sig,
-                                                                   resume, console, show))
-            report = _run(plan, ropts, begun, console, as_json)
+                ropts.calib = _calibrate(plan, opts, CalibRun(begun.prep.tmp, begun.sig, resume,
+                                                              console, show), dist)
+            report = _run(plan, ropts, begun, console, as_json, dist)
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
-    if begun.prep.finished or "quantization_error" not in report:
+    if begun.prep.finished or "quantization_error" not in report or not lead:
         return
     console.print(summary_table(report, out))
     if as_json:
@@ -280,8 +283,18 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
                           "timings": report["timings"]}, indent=2))
 
 
-def _run(plan: Plan, ropts: RunOptions, begun, console: Console, as_json: bool) -> dict:
-    """The pipeline under a progress bar."""
+def _calibrate(plan: Plan, opts: dict, run: CalibRun, dist: distributed.Dist | None):
+    """Calibration on every rank: each runs the layers on all windows, and GPTQ's work is
+    split between them layer by layer (quantize_calib); rank 0 alone saves the state and shows
+    the bar."""
+    if dist is not None and not dist.main:
+        run = CalibRun(run.tmp, run.signature, run.resume, run.console, False)
+    return run_calibration(plan, opts, run, dist)
+
+
+def _run(plan: Plan, ropts: RunOptions, begun, console: Console, as_json: bool,
+         dist: distributed.Dist | None) -> dict:
+    """The pipeline under a progress bar (rank 0's shows the whole job)."""
     total = plan.summary()
     with Progress(
         TextColumn("[bold]quantize"), BarColumn(), TaskProgressColumn(),
@@ -296,7 +309,7 @@ def _run(plan: Plan, ropts: RunOptions, begun, console: Console, as_json: bool) 
             seen[0] += n_tensors
             progress.update(task, advance=n_bytes, tensors=f"{seen[0]}/{total['tensors']} tensors")
 
-        return run(plan, ropts, on_progress, begun)
+        return run(plan, ropts, on_progress, begun, dist)
 
 
 def _choices(plan: Plan, opts: dict) -> dict:
@@ -319,26 +332,53 @@ def fail(msg: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def guarded(fn, *args) -> None:
+def guarded(fn, *args):
     """One line per failure: MxptqError is the user's (exit 2); Ctrl-C and SIGTERM stop with
-    one line (exit 130 / 143); anything else is ours (exit 1, traceback with MXPTQ_DEBUG=1)."""
+    one line (exit 130 / 143); anything else is ours (exit 1, traceback with MXPTQ_DEBUG=1).
+    Under torchrun the first rank's failure stops every rank; rank 0 prints its line."""
     out = args[0].get("out") if args and isinstance(args[0], dict) else None
     part = partial_dir(Path(out).expanduser().resolve()) if out else None
+    dist = distributed.from_env()
     try:
-        fn(*args)
-    except MxptqError as e:
-        fail(str(e))
-    except KeyboardInterrupt as e:
+        result = fn(*args)
+    except BaseException as e:
+        if isinstance(e, SystemExit) and (dist is None or not e.code):
+            raise
+        msg, code = _outcome(e, part)
+        if dist is None:
+            fail(msg, code)
+        peer = isinstance(e, distributed.PeerFailed)
+        code = dist.stop(msg, code, isinstance(e, distributed.DropPartial), part, not peer)
+        # at once: an interpreter shutting down puts SIGTERM's default back, and torchrun
+        # sends one to every rank still running once the first has exited
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if dist is not None:
+        dist.close()
+    return result
+
+
+def _outcome(e: BaseException, part: Path | None) -> tuple[str, int]:
+    """The error line and exit status of what stopped the run."""
+    if isinstance(e, distributed.PeerFailed):
+        return str(e), e.code
+    if isinstance(e, MxptqError):
+        return str(e), 2
+    if isinstance(e, KeyboardInterrupt):
         term = isinstance(e, _Terminated)
         kept = (f"; finished shards are kept in {part}: rerun with --resume"
                 if part is not None and part.is_dir() else "")
-        fail(f"interrupted ({'SIGTERM' if term else 'Ctrl-C'}){kept}", 143 if term else 130)
-    except Exception as e:
-        if RECEIVED:  # a Ctrl-C swallowed by a library resurfaced as this
-            fail("interrupted (Ctrl-C)", 130)
-        if os.environ.get("MXPTQ_DEBUG"):
-            raise
-        kept = (f"; finished shards are kept in {part} for --resume"
-                if part is not None and part.is_dir() else "")
-        fail(f"internal error: {type(e).__name__}: {e}{kept} (MXPTQ_DEBUG=1 shows a traceback)",
-             1)
+        return f"interrupted ({'SIGTERM' if term else 'Ctrl-C'}){kept}", 143 if term else 130
+    if isinstance(e, SystemExit):
+        return f"exited with status {e.code}", e.code if isinstance(e.code, int) else 1
+    if not isinstance(e, Exception):
+        raise e
+    if RECEIVED:  # a Ctrl-C swallowed by a library resurfaced as this
+        return "interrupted (Ctrl-C)", 130
+    if os.environ.get("MXPTQ_DEBUG"):
+        raise e
+    kept = (f"; finished shards are kept in {part} for --resume"
+            if part is not None and part.is_dir() else "")
+    return (f"internal error: {type(e).__name__}: {e}{kept} (MXPTQ_DEBUG=1 shows a "
+            "traceback)", 1)

@@ -42,15 +42,16 @@ def save_tokenizer(folder: Path) -> None:
     T.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(folder)
 
 
-def make(folder: Path, arch: str, **overrides) -> Path:
-    """Save a seeded random `arch` model (plus tokenizer) into `folder`."""
+def make(folder: Path, arch: str, shard: str | None = None, **overrides) -> Path:
+    """Save a seeded random `arch` model (plus tokenizer) into `folder`, in shards of at most
+    `shard` (e.g. "40KB") when given."""
     cfg_cls, cls, extra = {**ARCHS, **FAMILIES}[arch]
     torch.manual_seed(0)
     model = cls(cfg_cls(**{**COMMON, **extra, **overrides}))
     with torch.no_grad():  # heavier tails than the default init, like trained weights
         for p in model.parameters():
             p.mul_(1 + 3 * torch.rand_like(p) ** 8)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
     save_tokenizer(folder)
     return folder
 

@@ -158,3 +158,59 @@ def _quantize_experts(full: str, mod: nn.Module, run: LayerRun, opts: CalibOptio
             deq = dequantize(qt).to(param.dtype)
             param.data[e] = deq.t() if in_out else deq
     return out
+
+
+def layer_units(run: LayerRun, opts: CalibOptions,
+                include: Collection[str] | None = None) -> list[tuple[list[str], int]]:
+    """The independent pieces of `quantize_layer`'s work, in a fixed order, each with a cost
+    (weights x input width): a fused set of Linears (they share the amax behind one global
+    scale), or one expert's gate and up rows, or its down rows. Ranks split a layer by these."""
+    block = get_format(opts.format, opts.block_size).block_size
+    linears = {
+        f"{run.prefix}.{n}": m for n, m in run.layer.named_modules()
+        if isinstance(m, nn.Linear) and m.in_features % block == 0
+        and (include is None or f"{run.prefix}.{n}" in include)
+    }
+    units = [(g, sum(linears[n].weight.numel() * linears[n].in_features for n in g))
+             for g in fused_groups(list(linears))]
+    for name, mod in run.layer.named_modules():
+        if not is_fused_experts(mod):
+            continue
+        full = f"{run.prefix}.{name}" if name else run.prefix
+        in_out = in_out_layout(mod)
+        for e in range(mod.gate_up_proj.shape[0]):
+            for pname, parts in EXPERT_PARAMS:
+                names = [f"{full}.{e}.{p}" for p in parts]
+                if include is not None and not all(n in include for n in names):
+                    continue
+                shape = getattr(mod, pname).shape[1:]
+                out_f, in_f = (shape[1], shape[0]) if in_out else (shape[0], shape[1])
+                if in_f % block == 0:
+                    units.append((names, out_f * in_f * in_f))
+    return units
+
+
+def apply_results(run: LayerRun, qts: dict[str, QuantizedTensor]) -> None:
+    """Replace the layer's weights by the dequantized `qts` (computed by another rank), as
+    `quantize_layer` does with those it computes: the next layer then sees the same model."""
+    for n, m in run.layer.named_modules():
+        full = f"{run.prefix}.{n}"
+        if isinstance(m, nn.Linear) and full in qts:
+            m.weight.data = dequantize(qts[full].to(m.weight.device)).to(m.weight.dtype)
+    for name, mod in run.layer.named_modules():
+        if not is_fused_experts(mod):
+            continue
+        full = f"{run.prefix}.{name}" if name else run.prefix
+        in_out = in_out_layout(mod)
+        for e in range(mod.gate_up_proj.shape[0]):
+            for pname, parts in EXPERT_PARAMS:
+                names = [f"{full}.{e}.{p}" for p in parts]
+                if not all(n in qts for n in names):
+                    continue
+                param = getattr(mod, pname)
+                ps = [qts[n] for n in names]
+                qt = QuantizedTensor(torch.cat([p.codes for p in ps]),
+                                     torch.cat([p.scales for p in ps]), ps[0].global_scale,
+                                     ps[0].format).to(param.device)
+                deq = dequantize(qt).to(param.dtype)
+                param.data[e] = deq.t() if in_out else deq
