@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from mxptq.formats import Format
-from mxptq.scales import SELECTORS, SelectorConfig
+from mxptq.scales import SELECTORS, SelectorConfig, exact_window
 from mxptq.tensor import QuantizedTensor
 
 from .amax import amax_partials
@@ -100,6 +100,10 @@ def select_tile(
             e6, _ = _err(a, ay, hh, ay, scale_value(c, MAN, BIAS), inv_g, B, HAS_H, 0)
             e4, _ = _err(a, ay, hh, ay, scale_value(c4, MAN, BIAS), inv_g, B, HAS_H, 0)
             c = tl.where(e4 < e6, c4, c)
+        elif SEL == 3 and WHI > 0:  # exhaustive by the certified window
+            c = _window_search(
+                a, ay, hh, bmax * g, c, inv_g, bmask, B, WLO, WHI, MAN, BIAS, MAX_CODE, HAS_H
+            )
         else:
             c = _search(
                 a, ay, hh, bmax * g, c, inv_g, bmask, B, SEL, WLO, WHI, MAN, BIAS, MAX_CODE, HAS_H
@@ -164,7 +168,21 @@ def _quantize_kernel(
     else:
         hh = x  # unread
     c = select_tile(
-        x, hh, g, inv_g, bmask, B, SEL, WLO, WHI, MAN, BIAS, MAX_CODE, MAX_VALUE, MX_CEIL, HAS_H,
+        x,
+        hh,
+        g,
+        inv_g,
+        bmask,
+        B,
+        SEL,
+        WLO,
+        WHI,
+        MAN,
+        BIAS,
+        MAX_CODE,
+        MAX_VALUE,
+        MX_CEIL,
+        HAS_H,
         FLOOR,
     )
 
@@ -246,6 +264,102 @@ def _search(
     return best_c
 
 
+@triton.jit
+def _doubling_safe(a, ay, s, inv_g):
+    """scales.doubling_safe for a tile: no element's t = |x|·inv at scale s [NB] lies within
+    NEAR_ULPS (64) ulps of a 3-significant-bit value with y/s on its other side, no t >= 6.5,
+    and s/g in [2^-100, 2^90]."""
+    r = s * inv_g
+    t = a * reciprocal(r)[:, None]
+    bits = t.to(tl.int32, bitcast=True)
+    low = bits & 0x1FFFFF
+    near = (low < 64) | (low > 0x200000 - 64)
+    m3 = ((bits + 0x100000) & ~0x1FFFFF).to(tl.float32, bitcast=True)
+    ms = m3 * s[:, None]
+    across = ((t < m3) & (ay > ms)) | ((t > m3) & (ay < ms))
+    risky = (t >= 6.5) | ((t >= 0.2) & near & across)
+    ok = (r >= 7.888609052210118e-31) & (r <= 1.2379400392853803e27)  # 2^-100, 2^90
+    return ok & (tl.max(risky.to(tl.int32), axis=1) == 0)
+
+
+@triton.jit
+def _window_search(
+    a,
+    ay,
+    hh,
+    ymax,
+    c0,
+    inv_g,
+    bmask,
+    B: tl.constexpr,
+    WLO: tl.constexpr,
+    WHI: tl.constexpr,
+    MAN: tl.constexpr,
+    BIAS: tl.constexpr,
+    MAX_CODE: tl.constexpr,
+    HAS_H: tl.constexpr,
+):
+    """exhaustive as scales.exhaustive_by_window: offsets WLO..WHI in priority order for every
+    block with no bounds and no tile-wide reductions, then the certificate (one bound per
+    side, docs/kernels.md "Candidate window"); only a tile with an uncertified block runs the
+    pruned full search, for those blocks alone."""
+    MIN_CODE: tl.constexpr = 1 if MAN > 0 else 0
+    best_c = c0
+    best_e, _ = _err(a, ay, hh, ay, scale_value(c0, MAN, BIAS), inv_g, B, HAS_H, 0)
+    for k in tl.static_range(1, max(-WLO, WHI) + 1):
+        if k <= -WLO:
+            cn = c0 - k
+            sn = scale_value(tl.maximum(cn, 0), MAN, BIAS)
+            e, _ = _err(a, ay, hh, ay, sn, inv_g, B, HAS_H, 0)
+            better = (cn >= MIN_CODE) & (e < best_e)
+            best_c = tl.where(better, cn, best_c)
+            best_e = tl.where(better, e, best_e)
+        if k <= WHI:
+            cp = c0 + k
+            sp = scale_value(tl.minimum(cp, MAX_CODE), MAN, BIAS)
+            e, _ = _err(a, ay, hh, ay, sp, inv_g, B, HAS_H, 0)
+            better = (cp <= MAX_CODE) & (e < best_e)
+            best_c = tl.where(better, cp, best_c)
+            best_e = tl.where(better, e, best_e)
+    # Below the window the block max clips: every code under c0 + WLO costs >= (ymax - 6s)+²h.
+    h_max = tl.max(tl.where(ay == ymax[:, None], hh, 0.0), axis=1) if HAS_H else ymax * 0.0 + 1.0
+    cn = c0 + (WLO - 1)
+    dn = tl.maximum(ymax - 6.0 * scale_value(tl.maximum(cn, 0), MAN, BIAS), 0.0)
+    lbn = (dn * dn) * h_max
+    neg = (cn < MIN_CODE) | (lbn > best_e) | ((lbn >= best_e) & (best_c - c0 <= -WLO))
+    # Above it the elements with y <= s/4 cost >= y²h at every code from c0 + WHI + 1 up.
+    cp = c0 + (WHI + 1)
+    sp = scale_value(tl.minimum(cp, MAX_CODE), MAN, BIAS)
+    yyh = ay * ay
+    if HAS_H:
+        yyh = yyh * hh
+    lbp = tree_sum(tl.where(ay <= (0.25 * sp)[:, None], yyh, 0.0), B)
+    # Or every code above is a doubling of a window code none of whose t is near a midpoint.
+    PER: tl.constexpr = 1 << MAN
+    dbl = bmask | True
+    for f in tl.static_range(WHI + 1 - PER, WHI + 1):
+        c = c0 + f
+        normal = (c >= PER) if MAN > 0 else (c >= 0)
+        safe = _doubling_safe(a, ay, scale_value(tl.maximum(c, 0), MAN, BIAS), inv_g)
+        dbl = dbl & ((c + PER > MAX_CODE) | (normal & safe))
+    pos = (cp > MAX_CODE) | (lbp >= best_e) | dbl
+    open_ = bmask & ~(neg & pos)
+    if tl.max(open_.to(tl.int32), axis=0) > 0:
+        full = _search(a, ay, hh, ymax, c0, inv_g, open_, B, 3, 0, 0, MAN, BIAS, MAX_CODE, HAS_H)
+        best_c = tl.where(open_, full, best_c)
+    return best_c
+
+
+def exact_window_options(fmt: Format, cfg: SelectorConfig, windowed: bool) -> tuple[int, int]:
+    """(WLO, WHI) for the kernels: search's window, exhaustive's certified window (scales.
+    exact_window) or (0, 0), which makes exhaustive run the pruned full search alone."""
+    if cfg.name == "search":
+        return cfg.window or (0, 0)
+    if cfg.name == "exhaustive" and windowed:
+        return exact_window(fmt)
+    return (0, 0)
+
+
 def _global_partials(w: torch.Tensor, global_amax) -> torch.Tensor:
     """fp32 values whose max is the amax the reference uses (tensor.tensor_amax or the given)."""
     if global_amax is None:
@@ -255,12 +369,18 @@ def _global_partials(w: torch.Tensor, global_amax) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=256)
 def _launch_options(
-    fmt: Format, cfg: SelectorConfig, bf16: bool, has_h: bool, n_amax: int, config
+    fmt: Format,
+    cfg: SelectorConfig,
+    bf16: bool,
+    has_h: bool,
+    n_amax: int,
+    config,
+    windowed: bool = True,
 ) -> tuple[int, dict]:
     """(blocks per program, kernel keywords) for one case, cached to keep launches cheap."""
     tile, warps = config or DEFAULT_CONFIG[cfg.name]
     nb = max(1, tile // fmt.block_size)
-    window = cfg.window or (0, 0)
+    window = exact_window_options(fmt, cfg, windowed)
     codec = fmt.scale
     return nb, dict(
         B=fmt.block_size,
@@ -290,9 +410,11 @@ def quantize(
     h: torch.Tensor | None = None,
     global_amax: torch.Tensor | float | None = None,
     config: tuple[int, int] | None = None,
+    windowed: bool = True,
 ) -> QuantizedTensor:
     """Triton twin of tensor.quantize_reference: same bytes. `config` = (weights per program,
-    warps) overrides the default tile for tuning."""
+    warps) overrides the default tile for tuning; windowed=False runs exhaustive by the pruned
+    full search alone (the path before the certified window, kept for benchmarks)."""
     n, k = w.shape
     b = fmt.block_size
     w = w.contiguous()
@@ -306,7 +428,7 @@ def quantize(
     g = torch.empty((), dtype=torch.float32, device=dev) if fmt.has_global else None
     partials = _global_partials(w, global_amax) if fmt.has_global else scales
     bf16 = w.dtype == torch.bfloat16
-    nb, opts = _launch_options(fmt, cfg, bf16, h is not None, partials.numel(), config)
+    nb, opts = _launch_options(fmt, cfg, bf16, h is not None, partials.numel(), config, windowed)
     _quantize_kernel[(triton.cdiv(n_blocks, nb),)](
         w.view(torch.int16) if bf16 else w,
         h if h is not None else w,
