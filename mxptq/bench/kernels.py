@@ -5,13 +5,21 @@ the weight rate of a device-to-device copy of the same bf16 bytes, and a byte-fo
 against the torch reference run on the same GPU tensor. Before timing, a small matrix of edge
 cases (every format x selector x block size, tiny and huge magnitudes, importance weights) is
 checked on the GPU too. Writes a markdown table to $OUT/kernels_bench.md when OUT is set.
+
+`--table PATH` instead measures the issue-21 table (`table_main`): absmax, 4over6, search,
+exhaustive by the pruned search and by the certified window, tile/warp variants of absmax
+and 4over6, and a copy of the same bytes, all in one run per shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
+import statistics
+import sys
+import time
 
 import torch
 import triton
@@ -153,7 +161,138 @@ def table(rows: list[dict], fmt_name: str) -> str:
     return head + body
 
 
+# (label, selector, windowed, (weights per program, warps) or None for the default)
+KERNELS = [
+    ("absmax", "absmax", True, None),
+    ("4over6", "4over6", True, None),
+    ("search", "search", True, None),
+    ("exhaustive, pruned search", "exhaustive", False, None),
+    ("exhaustive, certified window", "exhaustive", True, None),
+]
+VARIANTS = {
+    "absmax": [(2048, 4), (8192, 4), (8192, 8), (16384, 8)],
+    "4over6": [(1024, 2), (4096, 4), (4096, 8), (8192, 8)],
+    "exhaustive": [(256, 1), (1024, 2), (2048, 4)],
+}
+TABLE_SHAPES = [(8192, 4096), (8192, 8192), (14336, 8192), (28672, 8192)]
+CHECK_ROWS = 64  # rows checked against the torch reference per kernel (all rows between paths)
+
+
+def _timer(device: str, reps: int):
+    """Median ms of a call: do_bench on the GPU; wall clock of `reps` calls on the CPU (the
+    interpreter run only tests this module's logic)."""
+    if device == "cuda":
+        return lambda fn: triton.testing.do_bench(fn, return_mode="median")
+
+    def wall(fn):
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    return wall
+
+
+def _weights(n: int, k: int, device: str) -> torch.Tensor:
+    gen = torch.Generator(device=device).manual_seed(0)
+    z = torch.randn(n, k, device=device, generator=gen)
+    return (z * torch.randn(n, k, device=device, generator=gen).exp()).to(torch.bfloat16)
+
+
+def table_rows(shapes, fmt_name: str, device: str, reps: int, variants=VARIANTS) -> list[dict]:
+    """Every kernel of KERNELS plus the tile variants, per shape, with a copy of the same bf16
+    tensor timed in the same run. Bytes: every kernel's first CHECK_ROWS rows against the torch
+    reference, the exhaustive paths and each variant against its default on all rows."""
+    fmt = get_format(fmt_name)
+    bench = _timer(device, reps)
+    rows = []
+    for n, k in shapes:
+        w = _weights(n, k, device)
+        dst = torch.empty_like(w)
+        copy = n * k / bench(lambda w=w, dst=dst: dst.copy_(w)) / 1e6
+        cases = [(lab, sel, win, None) for lab, sel, win, _ in KERNELS]
+        cases += [
+            (f"{sel} {t}/{nw}", sel, True, (t, nw)) for sel in variants for t, nw in variants[sel]
+        ]
+        default = {}
+        for label, sel, windowed, config in cases:
+            cfg = resolve_selector(fmt, sel)
+            call = functools.partial(quantize, w, fmt, cfg, None, None, config, windowed)
+            try:
+                out = call()
+            except Exception as e:  # a tile variant the compiler rejects (e.g. out of resources)
+                if config is None:
+                    raise
+                print(f"{n}x{k} {label}: not run ({type(e).__name__})", flush=True)
+                continue
+            head = quantize_tensor(
+                w[:CHECK_ROWS], fmt, sel, backend="torch", global_amax=tensor_amax(w)
+            )
+            ok = same_bytes(head, _head(out, CHECK_ROWS))
+            if sel in default:
+                ok = ok and same_bytes(default[sel], out)
+            else:
+                default[sel] = out
+            ms = bench(call)
+            rate = n * k / ms / 1e6
+            rows.append(dict(shape=f"{n}x{k}", kernel=label, ms=ms, rate=rate, copy=copy, ok=ok))
+            print(
+                f"{n}x{k} {label:30s} {ms * 1e3:9.1f} us {rate:8.2f} G/s copy {copy:8.2f} "
+                f"ratio {rate / copy:.3f} bytes_equal={ok}",
+                flush=True,
+            )
+        del w, dst, default
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _head(qt, rows: int):
+    """The first `rows` rows of a QuantizedTensor (codes and scales; the same global scale)."""
+    return type(qt)(qt.codes[:rows], qt.scales[:rows], qt.global_scale, qt.format)
+
+
+def markdown(rows: list[dict], fmt_name: str) -> str:
+    head = (
+        f"| shape | kernel ({fmt_name}) | median us | G weights/s | copy G weights/s "
+        "| ratio to copy | bytes equal |\n|---|---|---|---|---|---|---|\n"
+    )
+    return head + "".join(
+        f"| {r['shape']} | {r['kernel']} | {r['ms'] * 1e3:.1f} | {r['rate']:.1f} "
+        f"| {r['copy']:.1f} | {r['rate'] / r['copy']:.3f} | {'yes' if r['ok'] else 'NO'} |\n"
+        for r in rows
+    )
+
+
+def table_main(argv: list[str] | None = None) -> int:
+    """The issue-21 table: `python -m mxptq.bench.kernels --table OUT.md`."""
+    ap = argparse.ArgumentParser(description="kernel rates against a copy of the same bytes")
+    ap.add_argument("--table", required=True, help="markdown file to write")
+    ap.add_argument("--format", default="nvfp4")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in TABLE_SHAPES))
+    ap.add_argument("--reps", type=int, default=3, help="CPU only: timed calls per kernel")
+    ap.add_argument("--no-variants", action="store_true", help="default tiles only")
+    args = ap.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    variants = {} if args.no_variants else VARIANTS
+    rows = table_rows(shapes, args.format, args.device, args.reps, variants)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (Triton interpreter)"
+    where += f", torch {torch.__version__}, triton {triton.__version__}"
+    cmd = "python -m mxptq.bench.kernels " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = f"{where}\n\nCommand: `{cmd}`\n\n{markdown(rows, args.format)}"
+    with open(args.table, "w") as f:
+        f.write(text)
+    print(text)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
 def main() -> None:
+    if any(a == "--table" or a.startswith("--table=") for a in sys.argv[1:]):
+        raise SystemExit(table_main())
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--format", default="nvfp4")
     ap.add_argument("--selectors", default=",".join(SELECTORS))
