@@ -35,16 +35,18 @@ def _codes(w, fmt, h, norm, floor):
     return ref, got, ok, win
 
 
-# Every format at two block sizes, every block size at least twice.
-CASES = [(f, o, BLOCK_SIZES[(i + j) % 6]) for i, (f, o) in enumerate(FORMATS) for j in (0, 3)]
+# Every format once, every block size once.
+CASES = [(f, o, BLOCK_SIZES[(5 * i) % 6]) for i, (f, o) in enumerate(FORMATS)]
 
 
 @pytest.mark.parametrize("name,over,b", CASES)
 def test_window_path_equals_exhaustive(name, over, b):
     fmt = get_format(name, b, **over)
-    kinds = adversarial(6, b, seed=b, spread=4 if fmt.has_global else 60)
-    if not fmt.has_global:
-        kinds = [torch.cat(kinds)]
+    kinds = adversarial(4, b, seed=b, spread=4 if fmt.has_global else 12)
+    # Kinds of similar magnitude share a tensor (and a global scale): the reference's offset
+    # range, and so its time, grows with the spread of c0 within one call.
+    groups = [[0, 1, 3, 5], [2], [4], [6, 7]]
+    kinds = [torch.cat([kinds[i] for i in grp]) for grp in groups]
     h = torch.rand(2 * b, generator=torch.Generator().manual_seed(b))
     h[0] = 0.0  # importance zero at a block max: the lower bound is useless there
     variants = ((None, None, True), (h, None, False), (None, 6.0, True))
@@ -63,7 +65,7 @@ def test_certificate_is_needed_and_usually_holds():
     ref, got, ok, win = _codes(torch.cat(adversarial(10, 16, seed=3)), fmt, h, None, True)
     assert bool((win != ref).any())
     assert not bool(ok[win != ref].any())
-    gauss = torch.randn(512, 64, generator=torch.Generator().manual_seed(4))
+    gauss = torch.randn(256, 64, generator=torch.Generator().manual_seed(4))
     for name, b in (("nvfp4", 16), ("nvfp4-ue5m3", 16), ("mxfp4", 32)):
         _, _, ok, _ = _codes(gauss, get_format(name, b), None, None, True)
         assert float(ok.float().mean()) > 0.97
