@@ -168,21 +168,7 @@ def _quantize_kernel(
     else:
         hh = x  # unread
     c = select_tile(
-        x,
-        hh,
-        g,
-        inv_g,
-        bmask,
-        B,
-        SEL,
-        WLO,
-        WHI,
-        MAN,
-        BIAS,
-        MAX_CODE,
-        MAX_VALUE,
-        MX_CEIL,
-        HAS_H,
+        x, hh, g, inv_g, bmask, B, SEL, WLO, WHI, MAN, BIAS, MAX_CODE, MAX_VALUE, MX_CEIL, HAS_H,
         FLOOR,
     )
 
@@ -306,7 +292,8 @@ def _window_search(
     MIN_CODE: tl.constexpr = 1 if MAN > 0 else 0
     best_c = c0
     best_e, _ = _err(a, ay, hh, ay, scale_value(c0, MAN, BIAS), inv_g, B, HAS_H, 0)
-    for k in tl.static_range(1, max(-WLO, WHI) + 1):
+    KMAX: tl.constexpr = -WLO if -WLO > WHI else WHI
+    for k in tl.static_range(1, KMAX + 1):
         if k <= -WLO:
             cn = c0 - k
             sn = scale_value(tl.maximum(cn, 0), MAN, BIAS)
@@ -321,11 +308,14 @@ def _window_search(
             better = (cp <= MAX_CODE) & (e < best_e)
             best_c = tl.where(better, cp, best_c)
             best_e = tl.where(better, e, best_e)
-    # Below the window the block max clips: every code under c0 + WLO costs >= (ymax - 6s)+²h.
-    h_max = tl.max(tl.where(ay == ymax[:, None], hh, 0.0), axis=1) if HAS_H else ymax * 0.0 + 1.0
+    # Below the window every element above 6s clips: each code under c0 + WLO costs at least
+    # the tree of (y - 6s)+²h at s = S[c0 + WLO - 1].
     cn = c0 + (WLO - 1)
-    dn = tl.maximum(ymax - 6.0 * scale_value(tl.maximum(cn, 0), MAN, BIAS), 0.0)
-    lbn = (dn * dn) * h_max
+    dn = tl.maximum(ay - (6.0 * scale_value(tl.maximum(cn, 0), MAN, BIAS))[:, None], 0.0)
+    dd = dn * dn
+    if HAS_H:
+        dd = dd * hh
+    lbn = tree_sum(dd, B)
     neg = (cn < MIN_CODE) | (lbn > best_e) | ((lbn >= best_e) & (best_c - c0 <= -WLO))
     # Above it the elements with y <= s/4 cost >= y²h at every code from c0 + WHI + 1 up.
     cp = c0 + (WHI + 1)
@@ -336,7 +326,7 @@ def _window_search(
     lbp = tree_sum(tl.where(ay <= (0.25 * sp)[:, None], yyh, 0.0), B)
     # Or every code above is a doubling of a window code none of whose t is near a midpoint.
     PER: tl.constexpr = 1 << MAN
-    dbl = bmask | True
+    dbl = c0 == c0  # all true
     for f in tl.static_range(WHI + 1 - PER, WHI + 1):
         c = c0 + f
         normal = (c >= PER) if MAN > 0 else (c >= 0)

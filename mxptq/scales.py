@@ -225,7 +225,7 @@ def window_certificate(
 ) -> torch.Tensor:
     """True for blocks whose best candidate inside `window` (best_c, best_e, found in priority
     order) is the exhaustive argmin: no code outside the window can be strictly better or tie
-    with a higher priority. Below: the block max clips, RN(ymax - 6s)+^2·h_max. Above: the
+    with a higher priority. Below: the tree of the clipped elements, RN(y - 6s)+^2·h. Above: the
     elements with y <= s/4 cost at least y^2·h, or every code above is a doubling of a window
     code that is doubling_safe (docs/kernels.md proves all three)."""
     lo, hi = window
@@ -233,12 +233,10 @@ def window_certificate(
     table = codec.table(x.device)
     a = x.abs()
     ay = a * g
-    ymax = a.amax(dim=-1) * g
     hh = torch.ones_like(ay) if h is None else h.expand_as(ay)
-    h_max = torch.where(ay == ymax.unsqueeze(-1), hh, torch.zeros_like(hh)).amax(dim=-1)
     cn = c0 + (lo - 1)
-    dn = (ymax - 6.0 * table[cn.clamp(min=0)]).clamp(min=0)
-    lbn = (dn * dn) * h_max
+    dn = (ay - (6.0 * table[cn.clamp(min=0)]).unsqueeze(-1)).clamp(min=0)
+    lbn = tree_sum(dn * dn if h is None else (dn * dn) * hh)
     # -k (k > -lo) precedes +f only when f >= k: a winner above -lo needs a strict bound.
     neg = (cn < codec.min_code) | (lbn > best_e) | ((lbn >= best_e) & (best_c - c0 <= -lo))
     cp = c0 + (hi + 1)
