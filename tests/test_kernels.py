@@ -172,18 +172,18 @@ def test_exhaustive_is_the_brute_force_argmin():
 )
 def test_exact_window_path_on_adversarial_blocks(name, over, b, imp):
     """The certified window (and, for the blocks it rejects, the pruned search) gives the
-    reference's exhaustive bytes; windowed=False, the pruned search alone, gives them too."""
+    reference's exhaustive bytes, also where "auto" would take the pruned search; for B = 16
+    path="pruned", the pruned search alone, gives them too."""
     fmt = get_format(name, b, **over)
     kinds = adversarial(2, b, seed=b, spread=4 if fmt.has_global else 60)
     w = torch.cat(kinds).to(torch.bfloat16 if b == 16 else torch.float32)
     h = torch.rand(2 * b, generator=torch.Generator().manual_seed(b)) if imp else None
-    assert_same(w, fmt, "exhaustive", importance=h)
-    if b == 16:
-        cfg = resolve_selector(fmt, "exhaustive")
-        ref = mxptq.quantize_tensor(w, fmt, "exhaustive", backend="torch")
-        old = kernels.quantize(w, fmt, cfg, windowed=False)
-        assert torch.equal(old.scale_codes(), ref.scale_codes())
-        assert torch.equal(old.codes, ref.codes)
+    cfg = resolve_selector(fmt, "exhaustive")
+    ref = mxptq.quantize_tensor(w, fmt, "exhaustive", backend="torch", importance=h)
+    for path in ("window", "pruned") if b == 16 else ("window",):
+        out = kernels.quantize(w, fmt, cfg, h, path=path)
+        assert torch.equal(out.scale_codes(), ref.scale_codes())
+        assert torch.equal(out.codes, ref.codes)
 
 
 def test_odd_rows_and_empty():

@@ -24,6 +24,8 @@ import time
 import torch
 import triton
 import triton.testing
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
 
 from mxptq.formats import get_format
 from mxptq.scales import SELECTORS, resolve_selector
@@ -161,13 +163,13 @@ def table(rows: list[dict], fmt_name: str) -> str:
     return head + body
 
 
-# (label, selector, windowed, (weights per program, warps) or None for the default)
+# (label, selector, exact path, (weights per program, warps) or None for the default)
 KERNELS = [
-    ("absmax", "absmax", True, None),
-    ("4over6", "4over6", True, None),
-    ("search", "search", True, None),
-    ("exhaustive, pruned search", "exhaustive", False, None),
-    ("exhaustive, certified window", "exhaustive", True, None),
+    ("absmax", "absmax", "auto", None),
+    ("4over6", "4over6", "auto", None),
+    ("search", "search", "auto", None),
+    ("exhaustive, pruned search", "exhaustive", "pruned", None),
+    ("exhaustive, certified window", "exhaustive", "window", None),
 ]
 VARIANTS = {
     "absmax": [(2048, 4), (8192, 4), (8192, 8), (16384, 8)],
@@ -214,19 +216,18 @@ def table_rows(shapes, fmt_name: str, device: str, reps: int, variants=VARIANTS)
         dst = torch.empty_like(w)
         copy = n * k / bench(lambda w=w, dst=dst: dst.copy_(w)) / 1e6
         cases = [(lab, sel, win, None) for lab, sel, win, _ in KERNELS]
-        cases += [
-            (f"{sel} {t}/{nw}", sel, True, (t, nw)) for sel in variants for t, nw in variants[sel]
-        ]
+        for sel, configs in variants.items():
+            cases += [(f"{sel} {t}/{nw}", sel, "window", (t, nw)) for t, nw in configs]
         default = {}
-        for label, sel, windowed, config in cases:
+        for label, sel, path, config in cases:
             cfg = resolve_selector(fmt, sel)
-            call = functools.partial(quantize, w, fmt, cfg, None, None, config, windowed)
+            call = functools.partial(quantize, w, fmt, cfg, None, None, config, path)
             try:
                 out = call()
-            except Exception as e:  # a tile variant the compiler rejects (e.g. out of resources)
+            except (OutOfResources, CompilationError) as e:  # a tile the compiler rejects
                 if config is None:
                     raise
-                print(f"{n}x{k} {label}: not run ({type(e).__name__})", flush=True)
+                print(f"{n}x{k} {label}: not run ({type(e).__name__}: {e})", flush=True)
                 continue
             head = quantize_tensor(
                 w[:CHECK_ROWS], fmt, sel, backend="torch", global_amax=tensor_amax(w)
@@ -267,6 +268,56 @@ def markdown(rows: list[dict], fmt_name: str) -> str:
     )
 
 
+# (format, overrides, block size, importance): the cases of docs/kernels.md's table
+CERT_CASES = [
+    ("nvfp4", {}, 4, False),
+    ("nvfp4", {}, 16, False),
+    ("nvfp4", {}, 32, False),
+    ("nvfp4", {}, 64, False),
+    ("nvfp4", {}, 128, False),
+    ("nvfp4", {"has_global": False}, 16, False),
+    ("nvfp4-ue5m3", {}, 16, False),
+    ("mxfp4", {}, 32, False),
+    ("mxfp4", {"mx_rule": "ceil"}, 32, False),
+    ("nvfp4", {}, 4, True),
+    ("nvfp4", {}, 16, True),
+]
+
+
+def certificate_rates(n_blocks: int = 8192, tile: int = 512) -> str:
+    """Markdown: the share of blocks (and of `tile`-weight tiles) that the certified window's
+    certificate accepts, by the torch twin on the CPU (bf16 z·exp(z') blocks, global scale where
+    the format has one, importance uniform in [0, 1))."""
+    from mxptq import scales as S
+
+    gen = torch.Generator().manual_seed(0)
+    out = "| format | B | importance | blocks certified | tiles certified |\n"
+    out += "|---|---|---|---|---|\n"
+    for name, over, b, imp in CERT_CASES:
+        fmt = get_format(name, b, **over)
+        z = torch.randn(n_blocks, b, generator=gen)
+        w = (z * torch.randn(n_blocks, b, generator=gen).exp()).bfloat16().float()
+        g = S.global_encode_scale(w.abs().amax(), 448.0) if fmt.has_global else torch.ones(())
+        h = torch.rand(1, b, generator=gen) if imp else None
+        lo, hi = S.exact_window(fmt)
+        table, inv_g, y = fmt.scale.table(), S.reciprocal(g), w * g
+        c0 = S.absmax_code(fmt, w.abs().amax(-1), g)
+        best_c, best_e = c0, S.block_error(w, y, table[c0], inv_g, h)
+        for f in S.candidate_offsets(fmt, S.SelectorConfig("search", (lo, hi)), c0)[1:]:
+            c = c0 + f
+            valid = (c >= fmt.scale.min_code) & (c <= fmt.scale.max_code)
+            e = S.block_error(w, y, table[c.clamp(0, fmt.scale.max_code)], inv_g, h)
+            better = valid & (e < best_e)
+            best_c, best_e = torch.where(better, c, best_c), torch.where(better, e, best_e)
+        ok = S.window_certificate(w, fmt, g, h, c0, best_c, best_e, (lo, hi))
+        per = max(1, tile // b)
+        tiles = ok[: n_blocks // per * per].view(-1, per).all(-1).float().mean()
+        label = name + "".join(f" {k}={v}" for k, v in over.items())
+        out += f"| {label} | {b} | {'yes' if imp else 'no'} | {ok.float().mean():.4f} "
+        out += f"| {tiles:.4f} |\n"
+    return out
+
+
 def table_main(argv: list[str] | None = None) -> int:
     """The issue-21 table: `python -m mxptq.bench.kernels --table OUT.md`."""
     ap = argparse.ArgumentParser(description="kernel rates against a copy of the same bytes")
@@ -293,6 +344,9 @@ def table_main(argv: list[str] | None = None) -> int:
 def main() -> None:
     if any(a == "--table" or a.startswith("--table=") for a in sys.argv[1:]):
         raise SystemExit(table_main())
+    if sys.argv[1:] == ["--certificate-rates"]:  # CPU, torch: docs/kernels.md's table
+        print(certificate_rates())
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--format", default="nvfp4")
     ap.add_argument("--selectors", default=",".join(SELECTORS))
