@@ -260,12 +260,15 @@ def _doubling_safe(a, ay, s, inv_g):
     bits = t.to(tl.int32, bitcast=True)
     low = bits & 0x1FFFFF
     near = (low < 64) | (low > 0x200000 - 64)
-    m3 = ((bits + 0x100000) & ~0x1FFFFF).to(tl.float32, bitcast=True)
-    ms = m3 * s[:, None]
-    across = ((t < m3) & (ay > ms)) | ((t > m3) & (ay < ms))
-    risky = (t >= 6.5) | ((t >= 0.2) & near & across)
+    big = t >= 6.5
+    hot = tl.max((big | ((t >= 0.2) & near)).to(tl.int32), axis=1)
+    if tl.max(hot, axis=0) > 0:  # rare: only then is the side of y/s worth computing
+        m3 = ((bits + 0x100000) & ~0x1FFFFF).to(tl.float32, bitcast=True)
+        ms = m3 * s[:, None]
+        across = ((t < m3) & (ay > ms)) | ((t > m3) & (ay < ms))
+        hot = tl.max((big | ((t >= 0.2) & near & across)).to(tl.int32), axis=1)
     ok = (r >= 7.888609052210118e-31) & (r <= 1.2379400392853803e27)  # 2^-100, 2^90
-    return ok & (tl.max(risky.to(tl.int32), axis=1) == 0)
+    return ok & (hot == 0)
 
 
 @triton.jit
