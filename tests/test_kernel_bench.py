@@ -14,7 +14,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 def test_table_runs_on_a_tiny_shape(tmp_path):
     out = tmp_path / "t.md"
-    argv = ["--table", str(out), "--device", "cpu", "--shapes", "2x32", "--reps", "1"]
+    argv = ["--out", str(out), "--device", "cpu", "--shapes", "2x32", "--reps", "1"]
     assert bench.table_main(argv) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| 2x32 |")]
     labels = [r.split("|")[2].strip() for r in rows]

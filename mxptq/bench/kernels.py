@@ -6,7 +6,7 @@ against the torch reference run on the same GPU tensor. Before timing, a small m
 cases (every format x selector x block size, tiny and huge magnitudes, importance weights) is
 checked on the GPU too. Writes a markdown table to $OUT/kernels_bench.md when OUT is set.
 
-`--table PATH` instead measures the issue-21 table (`table_main`): absmax, 4over6, search,
+`--out PATH` instead measures the issue-21 table (`table_main`): absmax, 4over6, search,
 exhaustive by the pruned search and by the certified window, tile/warp variants of absmax
 and 4over6, and a copy of the same bytes, all in one run per shape.
 """
@@ -319,9 +319,9 @@ def certificate_rates(n_blocks: int = 8192, tile: int = 512) -> str:
 
 
 def table_main(argv: list[str] | None = None) -> int:
-    """The issue-21 table: `python -m mxptq.bench.kernels --table OUT.md`."""
+    """The issue-21 table: `python -m mxptq.bench.kernels --out TABLE.md`."""
     ap = argparse.ArgumentParser(description="kernel rates against a copy of the same bytes")
-    ap.add_argument("--table", required=True, help="markdown file to write")
+    ap.add_argument("--out", required=True, help="markdown file to write")
     ap.add_argument("--format", default="nvfp4")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in TABLE_SHAPES))
@@ -335,14 +335,14 @@ def table_main(argv: list[str] | None = None) -> int:
     where += f", torch {torch.__version__}, triton {triton.__version__}"
     cmd = "python -m mxptq.bench.kernels " + " ".join(sys.argv[1:] if argv is None else argv)
     text = f"{where}\n\nCommand: `{cmd}`\n\n{markdown(rows, args.format)}"
-    with open(args.table, "w") as f:
+    with open(args.out, "w") as f:
         f.write(text)
     print(text)
     return 0 if all(r["ok"] for r in rows) else 1
 
 
 def main() -> None:
-    if any(a == "--table" or a.startswith("--table=") for a in sys.argv[1:]):
+    if any(a == "--out" or a.startswith("--out=") for a in sys.argv[1:]):
         raise SystemExit(table_main())
     if sys.argv[1:] == ["--certificate-rates"]:  # CPU, torch: docs/kernels.md's table
         print(certificate_rates())
