@@ -108,7 +108,7 @@ def _gptq_block_kernel(
 @functools.lru_cache(maxsize=64)
 def _options(fmt: Format, cfg: SelectorConfig, lazy: bool, has_h: bool, width: int) -> dict:
     codec = fmt.scale
-    window = exact_window_options(fmt, cfg, "auto", has_h)
+    window = exact_window_options(fmt, cfg, "window", has_h)
     b = fmt.block_size
     return dict(
         R=ROWS,

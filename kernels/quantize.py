@@ -343,34 +343,21 @@ def _window_search(
     return best_c
 
 
-EXACT_PATHS = ("auto", "window", "pruned")
-
-
-def window_pays(fmt: Format, has_h: bool) -> bool:
-    """Whether the certified window is expected to be the faster exact path: its certificate
-    held for >= 94% of 512-weight tiles of heavy-tailed blocks in every measured unweighted case
-    up to B = 64 and for E8M0, but for 47% at B = 128, and with importance weights at B = 16
-    for 1-82% depending on the weights (docs/kernels.md); a failing tile pays the window and
-    then the pruned search. Only a choice of speed: both paths write the same bytes."""
-    if fmt.scale.man_bits == 0:
-        return True
-    return fmt.block_size <= 64 and not (has_h and fmt.block_size > 4)
+EXACT_PATHS = ("window", "pruned")
 
 
 def exact_window_options(
     fmt: Format, cfg: SelectorConfig, path: str, has_h: bool
 ) -> tuple[int, int]:
     """(WLO, WHI) for the kernels: search's window, exhaustive's certified window (scales.
-    exact_window) or (0, 0), which makes exhaustive run the pruned full search alone. `path`:
-    "window", "pruned", or "auto" (window_pays decides); all give the same bytes."""
+    exact_window) or, for path="pruned", (0, 0), which makes exhaustive run the pruned full
+    search alone. Both paths give the same bytes."""
     if path not in EXACT_PATHS:
         raise ValueError(f"unknown exact path {path!r} (one of {', '.join(EXACT_PATHS)})")
     if cfg.name == "search":
         return cfg.window or (0, 0)
-    if cfg.name == "exhaustive" and (
-        path == "window" or (path == "auto" and window_pays(fmt, has_h))
-    ):
-        return exact_window(fmt)
+    if cfg.name == "exhaustive" and path == "window":
+        return exact_window(fmt, has_h)
     return (0, 0)
 
 
@@ -389,7 +376,7 @@ def _launch_options(
     has_h: bool,
     n_amax: int,
     config,
-    path: str = "auto",
+    path: str = "window",
 ) -> tuple[int, dict]:
     """(blocks per program, kernel keywords) for one case, cached to keep launches cheap."""
     tile, warps = config or DEFAULT_CONFIG[cfg.name]
@@ -424,11 +411,11 @@ def quantize(
     h: torch.Tensor | None = None,
     global_amax: torch.Tensor | float | None = None,
     config: tuple[int, int] | None = None,
-    path: str = "auto",
+    path: str = "window",
 ) -> QuantizedTensor:
     """Triton twin of tensor.quantize_reference: same bytes. `config` = (weights per program,
     warps) overrides the default tile for tuning; `path` picks exhaustive's exact path
-    ("window": the certified window, "pruned": the pruned full search alone, "auto")."""
+    ("window": the certified window, "pruned": the pruned full search alone)."""
     n, k = w.shape
     b = fmt.block_size
     w = w.contiguous()

@@ -31,7 +31,8 @@ def _codes(w, fmt, h, norm, floor):
     hb = None if h is None else h.view(-1, fmt.block_size)
     ref = S.select_codes(x, fmt, cfg, g, hb)
     got, ok = S.exhaustive_by_window(x, fmt, cfg, g, hb)
-    win = S.select_codes(x, fmt, S.SelectorConfig("search", S.exact_window(fmt), floor), g, hb)
+    window = S.exact_window(fmt, h is not None)
+    win = S.select_codes(x, fmt, S.SelectorConfig("search", window, floor), g, hb)
     return ref, got, ok, win
 
 

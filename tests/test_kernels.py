@@ -172,8 +172,8 @@ def test_exhaustive_is_the_brute_force_argmin():
 )
 def test_exact_window_path_on_adversarial_blocks(name, over, b, imp):
     """The certified window (and, for the blocks it rejects, the pruned search) gives the
-    reference's exhaustive bytes, also where "auto" would take the pruned search; for B = 16
-    path="pruned", the pruned search alone, gives them too."""
+    reference's exhaustive bytes; for B = 16 path="pruned", the pruned search alone, gives them
+    too."""
     fmt = get_format(name, b, **over)
     kinds = adversarial(2, b, seed=b, spread=4 if fmt.has_global else 60)
     w = torch.cat(kinds).to(torch.bfloat16 if b == 16 else torch.float32)

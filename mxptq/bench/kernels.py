@@ -165,9 +165,9 @@ def table(rows: list[dict], fmt_name: str) -> str:
 
 # (label, selector, exact path, (weights per program, warps) or None for the default)
 KERNELS = [
-    ("absmax", "absmax", "auto", None),
-    ("4over6", "4over6", "auto", None),
-    ("search", "search", "auto", None),
+    ("absmax", "absmax", "window", None),
+    ("4over6", "4over6", "window", None),
+    ("search", "search", "window", None),
     ("exhaustive, pruned search", "exhaustive", "pruned", None),
     ("exhaustive, certified window", "exhaustive", "window", None),
 ]
@@ -299,7 +299,7 @@ def certificate_rates(n_blocks: int = 8192, tile: int = 512) -> str:
         w = (z * torch.randn(n_blocks, b, generator=gen).exp()).bfloat16().float()
         g = S.global_encode_scale(w.abs().amax(), 448.0) if fmt.has_global else torch.ones(())
         h = torch.rand(1, b, generator=gen) if imp else None
-        lo, hi = S.exact_window(fmt)
+        lo, hi = S.exact_window(fmt, imp)
         table, inv_g, y = fmt.scale.table(), S.reciprocal(g), w * g
         c0 = S.absmax_code(fmt, w.abs().amax(-1), g)
         best_c, best_e = c0, S.block_error(w, y, table[c0], inv_g, h)
