@@ -23,7 +23,7 @@ from mxptq.formats import Format
 from mxptq.scales import SELECTORS, SelectorConfig
 
 from .numerics import e2m1_code, e2m1_value, reciprocal, scale_value
-from .quantize import select_tile
+from .quantize import exact_window_options, select_tile
 
 ROWS = 16  # rows per program: a 16 x 128 fp32 tile is 16 registers a thread with 4 warps
 
@@ -108,7 +108,7 @@ def _gptq_block_kernel(
 @functools.lru_cache(maxsize=64)
 def _options(fmt: Format, cfg: SelectorConfig, lazy: bool, has_h: bool, width: int) -> dict:
     codec = fmt.scale
-    window = cfg.window or (0, 0)
+    window = exact_window_options(fmt, cfg, "window", has_h)
     b = fmt.block_size
     return dict(
         R=ROWS,

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from mxptq.formats import Format
-from mxptq.scales import SELECTORS, SelectorConfig
+from mxptq.scales import SELECTORS, SelectorConfig, exact_window
 from mxptq.tensor import QuantizedTensor
 
 from .amax import amax_partials
@@ -100,6 +100,10 @@ def select_tile(
             e6, _ = _err(a, ay, hh, ay, scale_value(c, MAN, BIAS), inv_g, B, HAS_H, 0)
             e4, _ = _err(a, ay, hh, ay, scale_value(c4, MAN, BIAS), inv_g, B, HAS_H, 0)
             c = tl.where(e4 < e6, c4, c)
+        elif SEL == 3 and WHI > 0:  # exhaustive by the certified window
+            c = _window_search(
+                a, ay, hh, bmax * g, c, inv_g, bmask, B, WLO, WHI, MAN, BIAS, MAX_CODE, HAS_H
+            )
         else:
             c = _search(
                 a, ay, hh, bmax * g, c, inv_g, bmask, B, SEL, WLO, WHI, MAN, BIAS, MAX_CODE, HAS_H
@@ -246,6 +250,117 @@ def _search(
     return best_c
 
 
+@triton.jit
+def _doubling_safe(a, ay, s, inv_g):
+    """scales.doubling_safe for a tile: no element's t = |x|·inv at scale s [NB] lies within
+    NEAR_ULPS (64) ulps of a 3-significant-bit value with y/s on its other side, no t >= 6.5,
+    and s/g in [2^-100, 2^90]."""
+    r = s * inv_g
+    t = a * reciprocal(r)[:, None]
+    bits = t.to(tl.int32, bitcast=True)
+    low = bits & 0x1FFFFF
+    near = (low < 64) | (low > 0x200000 - 64)
+    big = t >= 6.5
+    hot = tl.max((big | ((t >= 0.2) & near)).to(tl.int32), axis=1)
+    if tl.max(hot, axis=0) > 0:  # rare: only then is the side of y/s worth computing
+        m3 = ((bits + 0x100000) & ~0x1FFFFF).to(tl.float32, bitcast=True)
+        ms = m3 * s[:, None]
+        across = ((t < m3) & (ay > ms)) | ((t > m3) & (ay < ms))
+        hot = tl.max((big | ((t >= 0.2) & near & across)).to(tl.int32), axis=1)
+    ok = (r >= 7.888609052210118e-31) & (r <= 1.2379400392853803e27)  # 2^-100, 2^90
+    return ok & (hot == 0)
+
+
+@triton.jit
+def _window_search(
+    a,
+    ay,
+    hh,
+    ymax,
+    c0,
+    inv_g,
+    bmask,
+    B: tl.constexpr,
+    WLO: tl.constexpr,
+    WHI: tl.constexpr,
+    MAN: tl.constexpr,
+    BIAS: tl.constexpr,
+    MAX_CODE: tl.constexpr,
+    HAS_H: tl.constexpr,
+):
+    """exhaustive as scales.exhaustive_by_window: offsets WLO..WHI in priority order for every
+    block with no bounds and no tile-wide reductions, then the certificate (one bound per
+    side, docs/kernels.md "Candidate window"); only a tile with an uncertified block runs the
+    pruned full search, for those blocks alone."""
+    MIN_CODE: tl.constexpr = 1 if MAN > 0 else 0
+    best_c = c0
+    best_e, _ = _err(a, ay, hh, ay, scale_value(c0, MAN, BIAS), inv_g, B, HAS_H, 0)
+    KMAX: tl.constexpr = -WLO if -WLO > WHI else WHI
+    for k in tl.static_range(1, KMAX + 1):
+        if k <= -WLO:
+            cn = c0 - k
+            sn = scale_value(tl.maximum(cn, 0), MAN, BIAS)
+            e, _ = _err(a, ay, hh, ay, sn, inv_g, B, HAS_H, 0)
+            better = (cn >= MIN_CODE) & (e < best_e)
+            best_c = tl.where(better, cn, best_c)
+            best_e = tl.where(better, e, best_e)
+        if k <= WHI:
+            cp = c0 + k
+            sp = scale_value(tl.minimum(cp, MAX_CODE), MAN, BIAS)
+            e, _ = _err(a, ay, hh, ay, sp, inv_g, B, HAS_H, 0)
+            better = (cp <= MAX_CODE) & (e < best_e)
+            best_c = tl.where(better, cp, best_c)
+            best_e = tl.where(better, e, best_e)
+    # Below the window every element above 6s clips: each code under c0 + WLO costs at least
+    # the tree of (y - 6s)+²h at s = S[c0 + WLO - 1].
+    cn = c0 + (WLO - 1)
+    dn = tl.maximum(ay - (6.0 * scale_value(tl.maximum(cn, 0), MAN, BIAS))[:, None], 0.0)
+    dd = dn * dn
+    if HAS_H:
+        dd = dd * hh
+    lbn = tree_sum(dd, B)
+    neg = (cn < MIN_CODE) | (lbn > best_e) | ((lbn >= best_e) & (best_c - c0 <= -WLO))
+    # Above it the elements with y <= s/4 cost >= y²h at every code from c0 + WHI + 1 up.
+    cp = c0 + (WHI + 1)
+    sp = scale_value(tl.minimum(cp, MAX_CODE), MAN, BIAS)
+    yyh = ay * ay
+    if HAS_H:
+        yyh = yyh * hh
+    lbp = tree_sum(tl.where(ay <= (0.25 * sp)[:, None], yyh, 0.0), B)
+    # Or every code above is a doubling of a window code none of whose t is near a midpoint.
+    PER: tl.constexpr = 1 << MAN
+    dbl = c0 == c0  # all true
+    for f in tl.static_range(WHI + 1 - PER, WHI + 1):
+        c = c0 + f
+        normal = (c >= PER) if MAN > 0 else (c >= 0)
+        safe = _doubling_safe(a, ay, scale_value(tl.maximum(c, 0), MAN, BIAS), inv_g)
+        dbl = dbl & ((c + PER > MAX_CODE) | (normal & safe))
+    pos = (cp > MAX_CODE) | (lbp >= best_e) | dbl
+    open_ = bmask & ~(neg & pos)
+    if tl.max(open_.to(tl.int32), axis=0) > 0:
+        full = _search(a, ay, hh, ymax, c0, inv_g, open_, B, 3, 0, 0, MAN, BIAS, MAX_CODE, HAS_H)
+        best_c = tl.where(open_, full, best_c)
+    return best_c
+
+
+EXACT_PATHS = ("window", "pruned")
+
+
+def exact_window_options(
+    fmt: Format, cfg: SelectorConfig, path: str, has_h: bool
+) -> tuple[int, int]:
+    """(WLO, WHI) for the kernels: search's window, exhaustive's certified window (scales.
+    exact_window) or, for path="pruned", (0, 0), which makes exhaustive run the pruned full
+    search alone. Both paths give the same bytes."""
+    if path not in EXACT_PATHS:
+        raise ValueError(f"unknown exact path {path!r} (one of {', '.join(EXACT_PATHS)})")
+    if cfg.name == "search":
+        return cfg.window or (0, 0)
+    if cfg.name == "exhaustive" and path == "window":
+        return exact_window(fmt, has_h)
+    return (0, 0)
+
+
 def _global_partials(w: torch.Tensor, global_amax) -> torch.Tensor:
     """fp32 values whose max is the amax the reference uses (tensor.tensor_amax or the given)."""
     if global_amax is None:
@@ -255,12 +370,18 @@ def _global_partials(w: torch.Tensor, global_amax) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=256)
 def _launch_options(
-    fmt: Format, cfg: SelectorConfig, bf16: bool, has_h: bool, n_amax: int, config
+    fmt: Format,
+    cfg: SelectorConfig,
+    bf16: bool,
+    has_h: bool,
+    n_amax: int,
+    config,
+    path: str = "window",
 ) -> tuple[int, dict]:
     """(blocks per program, kernel keywords) for one case, cached to keep launches cheap."""
     tile, warps = config or DEFAULT_CONFIG[cfg.name]
     nb = max(1, tile // fmt.block_size)
-    window = cfg.window or (0, 0)
+    window = exact_window_options(fmt, cfg, path, has_h)
     codec = fmt.scale
     return nb, dict(
         B=fmt.block_size,
@@ -290,9 +411,11 @@ def quantize(
     h: torch.Tensor | None = None,
     global_amax: torch.Tensor | float | None = None,
     config: tuple[int, int] | None = None,
+    path: str = "window",
 ) -> QuantizedTensor:
     """Triton twin of tensor.quantize_reference: same bytes. `config` = (weights per program,
-    warps) overrides the default tile for tuning."""
+    warps) overrides the default tile for tuning; `path` picks exhaustive's exact path
+    ("window": the certified window, "pruned": the pruned full search alone)."""
     n, k = w.shape
     b = fmt.block_size
     w = w.contiguous()
@@ -306,7 +429,7 @@ def quantize(
     g = torch.empty((), dtype=torch.float32, device=dev) if fmt.has_global else None
     partials = _global_partials(w, global_amax) if fmt.has_global else scales
     bf16 = w.dtype == torch.bfloat16
-    nb, opts = _launch_options(fmt, cfg, bf16, h is not None, partials.numel(), config)
+    nb, opts = _launch_options(fmt, cfg, bf16, h is not None, partials.numel(), config, path)
     _quantize_kernel[(triton.cdiv(n_blocks, nb),)](
         w.view(torch.int16) if bf16 else w,
         h if h is not None else w,

@@ -28,6 +28,12 @@ SELECTORS = ("absmax", "4over6", "search", "exhaustive")
 
 # Defaults chosen by measurement (docs/numerics.md, "Choosing the defaults").
 DEFAULT_WINDOW = {"e4m3": (-5, 6), "ue5m3": (-5, 6), "ue5m3-ieee": (-5, 6), "e8m0": (-1, 1)}
+# The certified window of the exact path (docs/kernels.md, "Candidate window"): offsets
+# evaluated for every block before the certificate; blocks that fail it take the full search.
+# Minifloat scales take one more code below for blocks of 64+ and weighted blocks, whose
+# optimum lies lower more often (the certificate then fails in most tiles at -3).
+EXACT_WINDOW = {"e4m3": (-3, 7), "ue5m3": (-3, 7), "ue5m3-ieee": (-3, 7), "e8m0": (-1, 1)}
+WIDE_EXACT_WINDOW = (-4, 7)
 DEFAULT_GLOBAL_NORM = {"absmax": 448.0, "4over6": 256.0, "search": 448.0, "exhaustive": 448.0}
 FOUR_OVER_SIX_MAX_NORM = 448.0 / 1.5  # above this the 4-candidate of the max block clips
 
@@ -181,3 +187,108 @@ def select_codes(
         best_c = torch.where(better, cc, best_c)
         best_e = torch.where(better, e, best_e)
     return best_c
+
+
+def exact_window(fmt: Format, weighted: bool = False) -> tuple[int, int]:
+    """Offsets [lo, hi] around c0 that the exact path evaluates before certifying a block."""
+    if fmt.scale.has_zero and (weighted or fmt.block_size > 32):
+        return WIDE_EXACT_WINDOW
+    return EXACT_WINDOW[fmt.scale.name]
+
+
+NEAR_ULPS = 64  # fp32 ulps of t around a 3-significant-bit value that count as "near" it
+
+
+def doubling_safe(a: torch.Tensor, ay: torch.Tensor, s: torch.Tensor, inv_g: torch.Tensor):
+    """True for blocks where no code reached from scale s by doublings (s·2, s·4, ...) can beat
+    s (docs/kernels.md, "Candidate window"): the E2M1 value of t = |x|·inv at s is the nearest
+    one to y/s unless t lies within NEAR_ULPS ulps of a value with at most 3 significant bits
+    (the midpoints 0.25, 0.75, 1.25, 1.75 times powers of two) and y/s lies on its other
+    side, or t >= 6.5; and the halving of 1/(s/g) must stay exact (s/g in [2^-100, 2^90])."""
+    r = s * inv_g
+    ok = (r >= 2.0**-100) & (r <= 2.0**90)
+    t = a * reciprocal(r).unsqueeze(-1)
+    bits = t.view(torch.int32)
+    low = bits & 0x1FFFFF
+    near = (low < NEAR_ULPS) | (low > 0x200000 - NEAR_ULPS)
+    m3 = ((bits + 0x100000) & ~0x1FFFFF).view(torch.float32)
+    ms = m3 * s.unsqueeze(-1)
+    across = ((t < m3) & (ay > ms)) | ((t > m3) & (ay < ms))
+    risky = (t >= 6.5) | ((t >= 0.2) & near & across)
+    return ok & ~risky.any(dim=-1)
+
+
+def window_certificate(
+    x: torch.Tensor,
+    fmt: Format,
+    g: torch.Tensor,
+    h: torch.Tensor | None,
+    c0: torch.Tensor,
+    best_c: torch.Tensor,
+    best_e: torch.Tensor,
+    window: tuple[int, int],
+) -> torch.Tensor:
+    """True for blocks whose best candidate inside `window` (best_c, best_e, found in priority
+    order) is the exhaustive argmin: no code outside the window can be strictly better or tie
+    with a higher priority. Below: the tree of the clipped elements, RN(y - 6s)+^2·h. Above: the
+    elements with y <= s/4 cost at least y^2·h, or every code above is a doubling of a window
+    code that is doubling_safe (docs/kernels.md proves all three)."""
+    lo, hi = window
+    codec = fmt.scale
+    table = codec.table(x.device)
+    a = x.abs()
+    ay = a * g
+    hh = torch.ones_like(ay) if h is None else h.expand_as(ay)
+    cn = c0 + (lo - 1)
+    dn = (ay - (6.0 * table[cn.clamp(min=0)]).unsqueeze(-1)).clamp(min=0)
+    lbn = tree_sum(dn * dn if h is None else (dn * dn) * hh)
+    # -k (k > -lo) precedes +f only when f >= k: a winner above -lo needs a strict bound.
+    neg = (cn < codec.min_code) | (lbn > best_e) | ((lbn >= best_e) & (best_c - c0 <= -lo))
+    cp = c0 + (hi + 1)
+    sp = table[cp.clamp(max=codec.max_code)]
+    yyh = ay * ay if h is None else (ay * ay) * hh
+    lbp = tree_sum(torch.where(ay <= (0.25 * sp).unsqueeze(-1), yyh, torch.zeros_like(yyh)))
+    # The codes c0+hi+1-P .. c0+hi (P codes per doubling) are the bases of every code above.
+    per = 1 << codec.man_bits
+    dbl = torch.ones_like(neg)
+    for f in range(hi + 1 - per, hi + 1):
+        c = c0 + f
+        base = (c + per > codec.max_code) | (
+            (c >= per if codec.has_zero else c >= 0)
+            & doubling_safe(a, ay, table[c.clamp(0, codec.max_code)], reciprocal(g))
+        )
+        dbl = dbl & base
+    pos = (cp > codec.max_code) | (lbp >= best_e) | dbl
+    return neg & pos
+
+
+def exhaustive_by_window(
+    x: torch.Tensor,
+    fmt: Format,
+    cfg: SelectorConfig,
+    g: torch.Tensor,
+    h: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact path the kernel takes, in torch: the window in priority order, the certificate,
+    and the full search for the blocks that fail it. Returns (codes, certified); the codes equal
+    select_codes(..., exhaustive) for every block."""
+    lo, hi = exact_window(fmt, h is not None)
+    bmax = x.abs().amax(dim=-1)
+    inv_g = reciprocal(g)
+    y = x * g
+    table = fmt.scale.table(x.device)
+    c0 = absmax_code(fmt, bmax, g, floor=cfg.underflow_floor)
+    best_c = c0
+    best_e = block_error(x, y, table[c0], inv_g, h)
+    for f in candidate_offsets(fmt, SelectorConfig("search", (lo, hi)), c0)[1:]:
+        c = c0 + f
+        valid = (c >= fmt.scale.min_code) & (c <= fmt.scale.max_code)
+        e = block_error(x, y, table[c.clamp(0, fmt.scale.max_code)], inv_g, h)
+        better = valid & (e < best_e)
+        best_c = torch.where(better, c, best_c)
+        best_e = torch.where(better, e, best_e)
+    ok = window_certificate(x, fmt, g, h, c0, best_c, best_e, (lo, hi))
+    if not bool(ok.all()):
+        full = select_codes(x, fmt, SelectorConfig("exhaustive", None, cfg.underflow_floor), g, h)
+        best_c = torch.where(ok, best_c, full)
+    return best_c, ok

@@ -9,8 +9,11 @@ import torch
 
 pytest.importorskip("triton")
 
+from adversarial_blocks import adversarial  # noqa: E402
+
 import mxptq  # noqa: E402
 from mxptq.formats import get_format  # noqa: E402
+from mxptq.scales import resolve_selector  # noqa: E402
 from mxptq.tensor import tensor_amax as ref_amax  # noqa: E402
 
 kernels = pytest.importorskip("mxptq.kernels")
@@ -156,6 +159,31 @@ def test_exhaustive_is_the_brute_force_argmin():
         assert_same(w, name, "exhaustive")
         assert_same(w, name, "exhaustive", importance=h)
         assert_same(w.to(torch.bfloat16), name, "exhaustive", underflow_floor=False)
+
+
+@pytest.mark.parametrize(
+    "name,over,b,imp",
+    [
+        ("nvfp4", {}, 16, False),
+        ("nvfp4", {"has_global": False}, 8, True),
+        ("nvfp4-ue5m3", {"scale": "ue5m3-ieee", "has_global": True}, 128, True),
+        ("mxfp4", {"mx_rule": "ceil"}, 4, False),
+    ],
+)
+def test_exact_window_path_on_adversarial_blocks(name, over, b, imp):
+    """The certified window (and, for the blocks it rejects, the pruned search) gives the
+    reference's exhaustive bytes; for B = 16 path="pruned", the pruned search alone, gives them
+    too."""
+    fmt = get_format(name, b, **over)
+    kinds = adversarial(2, b, seed=b, spread=4 if fmt.has_global else 60)
+    w = torch.cat(kinds).to(torch.bfloat16 if b == 16 else torch.float32)
+    h = torch.rand(2 * b, generator=torch.Generator().manual_seed(b)) if imp else None
+    cfg = resolve_selector(fmt, "exhaustive")
+    ref = mxptq.quantize_tensor(w, fmt, "exhaustive", backend="torch", importance=h)
+    for path in ("window", "pruned") if b == 16 else ("window",):
+        out = kernels.quantize(w, fmt, cfg, h, path=path)
+        assert torch.equal(out.scale_codes(), ref.scale_codes())
+        assert torch.equal(out.codes, ref.codes)
 
 
 def test_odd_rows_and_empty():
