@@ -136,9 +136,10 @@ def quantize_cmd(
     seed: int = typer.Option(
         None, "--seed", metavar="N", help="Seed of the window starts (or of --calib generate's "
         "sampling); same seed, same bytes. (default: 0)"),
-    importance: bool = typer.Option(
-        None, "--importance/--no-importance", help="Selectors minimize the error weighted by "
-        "E[x²] of each Linear's input channels. (default: off)"),
+    importance: str = typer.Option(
+        None, "--importance", metavar="[none|diag|hessian]", help="What the selectors weight "
+        "the block error by: diag, E[x²] of each Linear's input channels; hessian, the full "
+        "B x B input covariance of each block, (w - ŵ)ᵀ H_b (w - ŵ). (default: none)"),
     algo: str = typer.Option(
         None, "--algo", metavar="[rtn|gptq]", help="rtn: round each weight to its nearest "
         "code; gptq: GPTQ error feedback through the layer Hessian (needs --calib). "

@@ -25,7 +25,7 @@ DEFAULTS: dict = {
     "calib-samples": 128,
     "calib-seqlen": 2048,
     "seed": 0,
-    "importance": False,
+    "importance": "none",  # none | diag | hessian
     "algo": "rtn",
     "gptq-scales": "lazy",
     "damp": 0.01,

@@ -58,10 +58,22 @@ def check_weight(w: torch.Tensor, fmt: Format) -> None:
         raise ValueError(f"weight has {n_nan} NaN and {n_inf} Inf values")
 
 
-def _check_importance(h: torch.Tensor | None, k: int, device: torch.device) -> torch.Tensor | None:
+def _check_importance(
+    h: torch.Tensor | None, k: int, device: torch.device, b: int | None = None
+) -> torch.Tensor | None:
+    """Importance as fp32 on `device`: diagonal weights flattened to [K] (non-negative), or,
+    given the block size b, block covariances [K/b, b, b] kept as they are."""
     if h is None:
         return None
-    h = h.to(device=device, dtype=torch.float32).flatten()
+    h = h.to(device=device, dtype=torch.float32)
+    if b is not None and h.dim() == 3:
+        if h.shape != (k // b, b, b):
+            raise ValueError(f"block covariances have shape {tuple(h.shape)}, expected "
+                             f"{(k // b, b, b)}")
+        if not bool(torch.isfinite(h).all()):
+            raise ValueError("block covariances must be finite")
+        return h
+    h = h.flatten()
     if h.numel() != k:
         raise ValueError(f"importance has {h.numel()} entries, expected K = {k}")
     if not bool(torch.isfinite(h).all()) or bool((h < 0).any()):
@@ -84,18 +96,21 @@ def quantize_tensor(
 ) -> QuantizedTensor:
     """Quantize a 2-D weight [N, K] to FP4 with block scales chosen by `scale`.
 
-    `importance` (length K) weights the block error per input channel. `global_amax` overrides
-    the tensor's own amax, so that fused projections can share one global scale. `backend`:
-    "auto" runs the Triton kernel for CUDA tensors and the torch reference otherwise; both give
-    the same bytes.
+    `importance` (length K) weights the block error per input channel; block covariances
+    [K/B, B, B] make every selector minimise the quadratic form (w − ŵ)ᵀ H_b (w − ŵ) of each
+    block instead. `global_amax` overrides the tensor's own amax, so that fused projections can
+    share one global scale. `backend`: "auto" runs the Triton kernel for CUDA tensors and the
+    torch reference otherwise; both give the same bytes. The quadratic form has no Triton
+    quantizer: it runs the torch reference on the tensor's device.
     """
     fmt = get_format(format, block_size)
     cfg = S.resolve_selector(fmt, scale, window, underflow_floor, global_norm)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
     check_weight(w, fmt)
-    h = _check_importance(importance, w.shape[1], w.device)
+    h = _check_importance(importance, w.shape[1], w.device, fmt.block_size)
     use_triton = backend == "triton" or (backend == "auto" and w.is_cuda)
+    use_triton = use_triton and not S.is_block_covariance(h, fmt.block_size)
     if use_triton:
         from .kernels import quantize as triton_quantize
 
@@ -122,10 +137,11 @@ def quantize_reference(
         g = S.global_encode_scale(amax.to(w.device), cfg.global_norm)
     else:
         g = torch.ones((), dtype=torch.float32, device=w.device)
-    hb = None if h is None else h.view(k // b, b)
+    cov = S.is_block_covariance(h, b)
+    hb = h if cov or h is None else h.view(k // b, b)
     codes = torch.empty((n, k // 2), dtype=torch.uint8, device=w.device)
     sc = torch.empty((n, k // b), dtype=torch.int32, device=w.device)
-    rows = max(1, _CHUNK_ELEMENTS // max(k, 1))
+    rows = max(1, _CHUNK_ELEMENTS // (max(k, 1) * (b if cov else 1)))
     table = fmt.scale.table(w.device)
     inv_g = S.reciprocal(g)
     for r in range(0, n, rows):

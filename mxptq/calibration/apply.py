@@ -23,6 +23,9 @@ from .hooks import in_out_layout, is_fused_experts
 from .runner import LayerRun
 
 ALGOS = ("rtn", "gptq")
+# What the selectors weight their block error by: nothing, E[x_k²] per input channel, or the
+# block covariance E[x_b x_bᵀ] of each block of input channels (the quadratic form).
+IMPORTANCE = ("none", "diag", "hessian")
 # Fused expert parameters and the per-expert Linears their rows hold, in order.
 EXPERT_PARAMS = (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",)))
 
@@ -34,7 +37,7 @@ class CalibOptions:
     format: str = "nvfp4"
     scale: str = "search"
     block_size: int | None = None
-    importance: bool = False  # weight the selector's error by E[x²] per input channel
+    importance: str = "none"  # one of IMPORTANCE (True / False: "diag" / "none")
     algo: str = "rtn"
     gptq_scales: str = "lazy"
     damp: float = 0.01
@@ -43,10 +46,31 @@ class CalibOptions:
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
             raise ValueError(f"unknown --algo {self.algo!r} (one of {', '.join(ALGOS)})")
+        if isinstance(self.importance, bool):
+            object.__setattr__(self, "importance", "diag" if self.importance else "none")
+        if self.importance not in IMPORTANCE:
+            raise ValueError(f"unknown --importance {self.importance!r} "
+                             f"(one of {', '.join(IMPORTANCE)})")
 
     @property
     def needs_hessian(self) -> bool:
         return self.algo == "gptq"
+
+    @property
+    def covariance_block(self) -> int:
+        """Block size whose input covariances calibration must collect (0: none)."""
+        if self.importance != "hessian":
+            return 0
+        return get_format(self.format, self.block_size).block_size
+
+
+def importance_of(stats, importance: str) -> torch.Tensor | None:
+    """The selector weights a Linear's statistics give for an --importance mode."""
+    if importance == "diag":
+        return stats.second_moment()
+    if importance == "hessian":
+        return stats.block_covariance()
+    return None
 
 
 # Checkpoint expert names that transformers renames when it fuses experts at load time
@@ -93,7 +117,7 @@ def quantize_linear(
     if stats.tokens == 0:
         return quantize_tensor(w, opts.format, opts.scale, opts.block_size,
                                global_amax=global_amax)
-    imp = stats.second_moment() if opts.importance else None
+    imp = importance_of(stats, opts.importance)
     if opts.algo == "gptq":
         return gptq_quantize(
             w, stats.hessian().to(w.device), opts.format, opts.scale, opts.block_size,

@@ -78,6 +78,8 @@ def stats_tensors(stats: dict[str, LinearStats]) -> dict[str, torch.Tensor]:
         out[f"{name}::in_features"] = torch.tensor(s.in_features, dtype=torch.int64)
         if s.sq_sum is not None:
             out[f"{name}::sq_sum"] = _own(s.sq_sum)
+        if s.bxx is not None:
+            out[f"{name}::bxx"] = _own(s.bxx)
     return out
 
 
@@ -157,8 +159,10 @@ class CalibState:
             if "codes" in f:
                 qts[name] = QuantizedTensor(f["codes"], f["scales"], f.get("global_scale"), fmt)
             if "tokens" in f:
+                bxx = f.get("bxx")
                 stats[name] = LinearStats(int(f["in_features"]), False, int(f["tokens"]),
-                                          f.get("sq_sum"), float(f["amax"]))
+                                          f.get("sq_sum"), float(f["amax"]),
+                                          block=0 if bxx is None else bxx.shape[-1], bxx=bxx)
         return stats, qts
 
     # -- writing --------------------------------------------------------------------------
