@@ -18,7 +18,7 @@ import torch
 
 from mxptq import dequantize, quantize_tensor
 from mxptq import scales as S
-from mxptq.calibration import LinearStats, gptq_quantize
+from mxptq.calibration import CalibOptions, LinearStats, gptq_quantize
 from mxptq.formats import e2m1_decode, get_format
 
 B = 16
@@ -213,3 +213,51 @@ def test_gptq_triton_backend_equals_the_torch_loop(gptq_case, mode):
     assert torch.equal(out.qt.codes, ref.qt.codes)
     assert torch.equal(out.qt.scale_codes(), ref.qt.scale_codes())
     assert torch.equal(out.weight, ref.weight)
+
+
+# Through `mxptq quantize`.
+def test_cli_hessian_writes_the_library_gptq_result(tmp_path):
+    from quant_helpers import tiny_llama_dir
+    from real_assets import english_text
+    from transformers import AutoTokenizer
+    from typer.testing import CliRunner
+
+    from mxptq.calibration import calibrate, load_calibration, quantize_layer
+    from mxptq.checkpoint import read_checkpoint
+    from mxptq.cli import app
+
+    text, model = english_text(), tiny_llama_dir()
+    out = tmp_path / "h"
+    r = CliRunner().invoke(app, ["quantize", "--model", str(model), "--out", str(out),
+                                 "--calib", str(text), "--calib-samples", "4",
+                                 "--calib-seqlen", "32", "--algo", "gptq",
+                                 "--importance", "hessian"])
+    assert r.exit_code == 0, r.output + r.stderr
+    ids = load_calibration(text, AutoTokenizer.from_pretrained(model), 4, 32, 0)
+    opts = CalibOptions(importance="hessian", algo="gptq")
+    lib = {}
+    calibrate(model, ids, hessian=True, blocks=opts.covariance_block, keep_stats=False,
+              on_layer=lambda run: lib.update(quantize_layer(run, opts)))
+    got = read_checkpoint(out)
+    assert sorted(got) == sorted(lib)
+    for m, qt in lib.items():
+        assert torch.equal(got[m].codes, qt.codes), m
+        assert torch.equal(got[m].scales.view(torch.uint8), qt.scales.view(torch.uint8)), m
+    rep = (out / "mxptq_report.json").read_text()
+    assert '"importance": "hessian"' in rep
+
+
+def test_recipe_booleans_and_bad_modes():
+    from mxptq.errors import MxptqError
+    from mxptq.quantize_cmd import check_calibration
+    from mxptq.recipes import DEFAULTS
+
+    opts = dict(DEFAULTS, calib="t.txt", importance=True)
+    check_calibration(opts)
+    assert opts["importance"] == "diag"  # recipes written before the modes
+    with pytest.raises(MxptqError, match="unknown --importance"):
+        check_calibration(dict(DEFAULTS, calib="t.txt", importance="full"))
+    with pytest.raises(ValueError, match="importance"):
+        CalibOptions(importance="full")
+
+
