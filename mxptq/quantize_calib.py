@@ -153,7 +153,7 @@ def run_calibration(plan: Plan, opts: dict, run: CalibRun) -> CalibData:
         format=opts["format"], scale=opts["scale"], block_size=opts["block-size"],
         importance=opts["importance"], algo=opts["algo"],
         gptq_scales=opts["gptq-scales"], damp=float(opts["damp"]),
-        act_order=bool(opts["act-order"]),
+        act_order=bool(opts["act-order"]), global_search=bool(opts["global-search"]),
     )
     data = CalibData()
     stats: dict = {}

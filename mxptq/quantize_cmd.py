@@ -243,7 +243,8 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
                               "plan": plan.summary()}, indent=2))
         return
     flags = {k: opts[k] for k in ("format", "scale", "block-size", "dialect", "ignore",
-                                  "quantize-lm-head", "device", "fused-set", *CALIB_KEYS)}
+                                  "quantize-lm-head", "device", "fused-set", "global-search",
+                                  *CALIB_KEYS)}
     flags["model"] = str(opts["model"])
     if opts["calib"] and Path(opts["calib"]).is_file():  # --resume must see the same text
         flags["calib-sha256"] = _file_sha256(Path(opts["calib"]))

@@ -18,6 +18,7 @@ DEFAULTS: dict = {
     "quantize-lm-head": False,
     "fused-set": [],  # replaces the built-in fused-set table (docs/quantize.md)
     "device": "auto",
+    "global-search": False,  # search each tensor's / fused set's global scale
     "model": None,
     "out": None,
     # calibration (docs/calibration.md)

@@ -163,3 +163,74 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch
         s = s / qt.global_scale.float()
     q = e2m1_decode(unpack_e2m1(qt.codes)).view(n, k // b, b)
     return (q * s.unsqueeze(-1)).view(n, k).to(dtype)
+
+
+GLOBAL_STEPS = 16  # global-scale candidates: the selector's global_norm and 15 below it
+
+
+def global_norm_candidates(top: float, steps: int = GLOBAL_STEPS) -> list[float]:
+    """global_norm values tried by the global-scale search: `top` (the selector's default)
+    and steps-1 more spread evenly in log over the octave below it. Scaling g by 2 only moves
+    every block scale by one binade, so one octave spans every distinct placement of the E4M3
+    grid relative to the block maxima; lower octaves only lose the top codes."""
+    return [top * 2.0 ** (-j / steps) for j in range(steps)]
+
+
+def selected_error(
+    w: torch.Tensor,
+    fmt: Format,
+    cfg: S.SelectorConfig,
+    h: torch.Tensor | None,
+    g: torch.Tensor,
+) -> float:
+    """Σ over blocks of the selector's own error at its chosen codes, in weight units (the
+    encoded-unit error / g²), summed in float64: what the global-scale search compares."""
+    n, k = w.shape
+    b = fmt.block_size
+    cov = S.is_block_covariance(h, b)
+    hb = h if cov or h is None else h.view(k // b, b)
+    rows = max(1, _CHUNK_ELEMENTS // (max(k, 1) * (b if cov else 1)))
+    table = fmt.scale.table(w.device)
+    inv_g = S.reciprocal(g)
+    total = torch.zeros((), dtype=torch.float64, device=w.device)
+    for r in range(0, n, rows):
+        x = w[r : r + rows].float().view(-1, k // b, b)
+        c = S.select_codes(x, fmt, cfg, g, hb)
+        total += S.block_error(x, x * g, table[c], inv_g, hb).double().sum()
+    return float(total / float(g) ** 2)
+
+
+def search_global_norm(
+    ws: list[torch.Tensor],
+    format: str | Format = "nvfp4",
+    scale: str = "search",
+    block_size: int | None = None,
+    importances: list[torch.Tensor | None] | None = None,
+    *,
+    global_amax: torch.Tensor | float | None = None,
+    steps: int = GLOBAL_STEPS,
+) -> float | None:
+    """The global_norm whose block selection gives the least total error over `ws` (a fused
+    set: one amax, one global scale), or None for formats without a global scale. Candidates
+    are `global_norm_candidates`, visited from the default down; a later one wins only when
+    strictly better, so ties keep the default. Each candidate runs the exact torch reference
+    selector (with each weight's importance), so the cost is `steps` quantizations."""
+    fmt = get_format(format, block_size)
+    cfg = S.resolve_selector(fmt, scale)
+    if not fmt.has_global:
+        return None
+    importances = importances or [None] * len(ws)
+    dev = ws[0].device
+    if global_amax is None:
+        global_amax = torch.stack([tensor_amax(w) for w in ws]).amax()
+    amax = torch.as_tensor(global_amax).to(dev).float()
+    hs = [_check_importance(h, w.shape[1], dev, fmt.block_size)
+          for w, h in zip(ws, importances, strict=True)]
+    best, best_err = cfg.global_norm, float("inf")
+    for norm in global_norm_candidates(cfg.global_norm, steps):
+        c = S.resolve_selector(fmt, scale, global_norm=norm)
+        g = S.global_encode_scale(amax, norm)
+        err = sum(selected_error(w, fmt, c, h, g) for w, h in zip(ws, hs, strict=True))
+        if err < best_err:
+            best, best_err = norm, err
+    return best

@@ -1,0 +1,64 @@
+"""Global-scale search (`--global-search`): each tensor's or fused set's global_norm is the
+candidate with the least total block error, shared across the set, ties keeping the default."""
+
+import pytest
+import torch
+from quant_helpers import tiny_llama_dir
+from typer.testing import CliRunner
+
+from mxptq import dequantize, quantize_tensor
+from mxptq.checkpoint import read_checkpoint
+from mxptq.cli import app
+from mxptq.tensor import global_norm_candidates, search_global_norm, tensor_amax
+
+
+def sse64(ws, norm, amax, imps=None):
+    imps = imps or [None] * len(ws)
+    out = 0.0
+    for w, h in zip(ws, imps, strict=True):
+        d = (w - dequantize(quantize_tensor(w, "nvfp4", "search", importance=h, global_amax=amax,
+                                            global_norm=norm))).double()
+        out += float((d * d * (1.0 if h is None else h.double())).sum())
+    return out
+
+
+@pytest.fixture(scope="module")
+def fused():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(24, 64, generator=g) * torch.linspace(0.1, 1.0, 64)
+    b = torch.randn(8, 64, generator=g) ** 3
+    return [a, b]
+
+
+def test_the_searched_norm_is_the_best_candidate(fused):
+    amax = torch.stack([tensor_amax(w) for w in fused]).amax()
+    imps = [torch.linspace(0.5, 2.0, 64)] * 2
+    norm = search_global_norm(fused, "nvfp4", "search", importances=imps)
+    errs = {n: sse64(fused, n, amax, imps) for n in global_norm_candidates(448.0)}
+    assert norm in errs
+    best = min(errs.values())
+    assert errs[norm] <= best * (1 + 1e-6)  # fp32 block errors vs this float64 sum
+    assert errs[norm] < errs[448.0]  # here the search moves off the default
+
+
+def test_ties_keep_the_default_and_mxfp4_has_no_global_scale():
+    z = torch.zeros(4, 32)
+    assert search_global_norm([z], "nvfp4", "search") == 448.0
+    assert search_global_norm([z], "nvfp4", "4over6") == 256.0
+    assert search_global_norm([z], "mxfp4", "search") is None
+
+
+def test_cli_shares_the_searched_scale_across_fused_sets(tmp_path):
+    outs = {}
+    for name, extra in (("plain", []), ("gs", ["--global-search"])):
+        out = tmp_path / name
+        r = CliRunner().invoke(app, ["quantize", "--model", str(tiny_llama_dir()), "--out",
+                                     str(out), *extra])
+        assert r.exit_code == 0, r.output + r.stderr
+        outs[name] = read_checkpoint(out)
+    gs = outs["gs"]
+    layer = "model.layers.0.self_attn"
+    g = [gs[f"{layer}.{p}"].global_scale for p in ("q_proj", "k_proj", "v_proj")]
+    assert g[0] == g[1] == g[2]
+    assert any(not torch.equal(gs[m].global_scale, outs["plain"][m].global_scale) for m in gs)
+    assert '"global-search": true' in (tmp_path / "gs" / "mxptq_report.json").read_text()
