@@ -100,8 +100,8 @@ def quantize_tensor(
     [K/B, B, B] make every selector minimise the quadratic form (w − ŵ)ᵀ H_b (w − ŵ) of each
     block instead. `global_amax` overrides the tensor's own amax, so that fused projections can
     share one global scale. `backend`: "auto" runs the Triton kernel for CUDA tensors and the
-    torch reference otherwise; both give the same bytes. The quadratic form has no Triton
-    quantizer: it runs the torch reference on the tensor's device.
+    torch reference otherwise; both give the same bytes (the quadratic form through
+    kernels/hessian.py).
     """
     fmt = get_format(format, block_size)
     cfg = S.resolve_selector(fmt, scale, window, underflow_floor, global_norm)
@@ -110,7 +110,10 @@ def quantize_tensor(
     check_weight(w, fmt)
     h = _check_importance(importance, w.shape[1], w.device, fmt.block_size)
     use_triton = backend == "triton" or (backend == "auto" and w.is_cuda)
-    use_triton = use_triton and not S.is_block_covariance(h, fmt.block_size)
+    if use_triton and S.is_block_covariance(h, fmt.block_size):
+        from .kernels.hessian import quantize_hessian
+
+        return quantize_hessian(w, fmt, cfg, h, global_amax)
     if use_triton:
         from .kernels import quantize as triton_quantize
 

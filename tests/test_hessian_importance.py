@@ -205,8 +205,10 @@ def test_gptq_lazy_scales_use_the_quadratic_form_on_updated_weights(gptq_case):
 
 @pytest.mark.parametrize("mode", ["lazy", "static"])
 def test_gptq_triton_backend_equals_the_torch_loop(gptq_case, mode):
-    """Static: scales by the torch reference, columns in Triton; lazy: the torch loop."""
+    """Lazy: each group's scale by kernels/hessian.py inside the column kernel; static: by the
+    torch reference up front."""
     w, h, hb = gptq_case
+    w = w[:5]  # the interpreter runs every column's numpy ops
     kw = dict(scales=mode, importance=hb, block=32)
     ref = gptq_quantize(w, h, "nvfp4", "search", backend="torch", **kw)
     out = gptq_quantize(w, h, "nvfp4", "search", backend="triton", **kw)
@@ -261,3 +263,35 @@ def test_recipe_booleans_and_bad_modes():
         CalibOptions(importance="full")
 
 
+
+
+# The Triton quantizer with covariances (kernels/hessian.py) against the torch reference.
+HESS_KERNEL_CASES = [
+    # format, block size, selector, weight dtype, rows, K
+    ("nvfp4", None, "search", torch.float32, 5, 48),
+    ("nvfp4", None, "4over6", torch.bfloat16, 3, 32),
+    ("nvfp4-ue5m3", None, "search", torch.float32, 2, 32),
+    ("mxfp4", None, "search", torch.float32, 2, 64),
+    ("nvfp4", 4, "exhaustive", torch.float32, 1, 8),
+]
+
+
+@pytest.mark.parametrize(("fmt", "bs", "scale", "dtype", "n", "k"), HESS_KERNEL_CASES)
+def test_triton_quantizer_with_covariances_gives_the_reference_bytes(fmt, bs, scale, dtype,
+                                                                     n, k):
+    b = get_format(fmt, bs).block_size
+    g = torch.Generator().manual_seed(9)
+    w = (torch.randn(n, k, generator=g) * torch.linspace(0.05, 2.0, k)).to(dtype)
+    w[0, :b] = 0.0
+    x = torch.randn(4 * k, k, generator=g) @ (torch.eye(k) + 0.3 * torch.randn(k, k, generator=g))
+    s = LinearStats(k, block=b)
+    s.add(x)
+    hb = s.block_covariance()
+    kw = dict(block_size=bs, importance=hb)
+    ref = quantize_tensor(w, fmt, scale, backend="torch", **kw)
+    out = quantize_tensor(w, fmt, scale, backend="triton", **kw)
+    assert torch.equal(out.codes, ref.codes)
+    assert torch.equal(out.scale_codes(), ref.scale_codes())
+    assert (out.global_scale is None) == (ref.global_scale is None)
+    if ref.global_scale is not None:
+        assert torch.equal(out.global_scale, ref.global_scale)

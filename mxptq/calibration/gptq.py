@@ -65,9 +65,7 @@ def gptq_quantize(
     default it is the amax of the original `w`. `importance` (length K, or block covariances
     [K/B, B, B]) weights the selector's block error, as in `quantize_tensor`. `backend` "auto"
     runs each column block as one Triton launch on CUDA tensors (same bytes as the torch loop),
-    "triton" forces that, "torch" the loop; activation order always takes the torch loop, and
-    so do lazy scales with block covariances (static ones are chosen up front by the torch
-    reference, then the column blocks run in Triton).
+    "triton" forces that, "torch" the loop; activation order always takes the torch loop.
     """
     if scales not in GPTQ_SCALES:
         raise ValueError(f"unknown GPTQ scale mode {scales!r} (one of {', '.join(GPTQ_SCALES)})")
@@ -107,13 +105,16 @@ def gptq_quantize(
     Q = torch.zeros_like(W)
     codes = torch.zeros((n, k), dtype=torch.uint8, device=dev)
 
-    if _use_kernel(backend, dev, block, bs, act_order) and not (cov and scales == "lazy"):
+    if _use_kernel(backend, dev, block, bs, act_order):
         from ..kernels.gptq import gptq_block
 
         gv = torch.stack([g.reshape(()), inv_g.reshape(())]).float()
         for i1 in range(0, k, block):
             i2 = min(i1 + block, k)
-            imp = None if h is None or scales == "static" else h[i1:i2]
+            if h is None or scales == "static":
+                imp = None
+            else:
+                imp = h[i1 // bs : i2 // bs] if cov else h[i1:i2]
             sl = slice(i1 // bs, i2 // bs)
             err1 = gptq_block(
                 W[:, i1:i2], Hinv[i1:i2, i1:i2], imp, sc[:, sl], codes[:, i1:i2], Q[:, i1:i2],
