@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+_COV_TOKENS = 4096  # tokens per step of the block-covariance sum
+
 
 @dataclass
 class LinearStats:
@@ -37,8 +39,10 @@ class LinearStats:
             self.xtx = xtx if self.xtx is None else self.xtx + xtx.to(self.xtx.device)
         if self.block and self.in_features % self.block == 0:
             xb = xd.view(-1, self.in_features // self.block, self.block)
-            bxx = torch.einsum("tni,tnj->nij", xb, xb)
-            self.bxx = bxx if self.bxx is None else self.bxx + bxx.to(self.bxx.device)
+            for t in range(0, xb.shape[0], _COV_TOKENS):  # bounds the einsum's transposed copy
+                c = xb[t : t + _COV_TOKENS]
+                bxx = torch.einsum("tni,tnj->nij", c, c)
+                self.bxx = bxx if self.bxx is None else self.bxx + bxx.to(self.bxx.device)
         self.tokens += x.shape[0]
 
     def second_moment(self) -> torch.Tensor:
