@@ -62,3 +62,33 @@ def test_cli_shares_the_searched_scale_across_fused_sets(tmp_path):
     assert g[0] == g[1] == g[2]
     assert any(not torch.equal(gs[m].global_scale, outs["plain"][m].global_scale) for m in gs)
     assert '"global-search": true' in (tmp_path / "gs" / "mxptq_report.json").read_text()
+
+
+def test_gptq_layers_search_one_norm_per_fused_set():
+    """quantize_layer with GPTQ: the set's norm is searched on the original weights (RTN
+    objective) and every member gets the same global scale."""
+    from torch import nn
+
+    from mxptq.calibration import CalibOptions, LinearStats, quantize_layer
+    from mxptq.calibration.runner import LayerRun
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 64, generator=g) * torch.linspace(0.2, 3.0, 64)
+    got = {}
+    for gs in (False, True):
+        torch.manual_seed(2)
+        layer = nn.ModuleDict({p: nn.Linear(64, 32, bias=False) for p in ("q_proj", "k_proj",
+                                                                          "v_proj", "o_proj")})
+        for i, m in enumerate(layer.values()):
+            w = torch.randn(32, 64, generator=torch.Generator().manual_seed(3 + i))
+            m.weight.data = w * torch.linspace(0.05, 1.0, 64) * (1 + i)
+        stats = {}
+        for p in layer:
+            stats[f"l.{p}"] = LinearStats(64, True, block=16)
+            stats[f"l.{p}"].add(x)
+        opts = CalibOptions(algo="gptq", importance="hessian", global_search=gs)
+        got[gs] = quantize_layer(LayerRun(0, "l", layer, stats), opts)
+    g = [got[True][f"l.{p}"].global_scale for p in ("q_proj", "k_proj", "v_proj")]
+    assert all(torch.equal(v, g[0]) for v in g)
+    assert any(not torch.equal(got[True][m].global_scale, got[False][m].global_scale)
+               for m in got[True])
