@@ -49,19 +49,27 @@ def test_ties_keep_the_default_and_mxfp4_has_no_global_scale():
 
 
 def test_cli_shares_the_searched_scale_across_fused_sets(tmp_path):
-    outs = {}
-    for name, extra in (("plain", []), ("gs", ["--global-search"])):
-        out = tmp_path / name
-        r = CliRunner().invoke(app, ["quantize", "--model", str(tiny_llama_dir()), "--out",
-                                     str(out), *extra])
-        assert r.exit_code == 0, r.output + r.stderr
-        outs[name] = read_checkpoint(out)
-    gs = outs["gs"]
+    from safetensors.torch import load_file
+
+    out = tmp_path / "gs"
+    r = CliRunner().invoke(app, ["quantize", "--model", str(tiny_llama_dir()), "--out", str(out),
+                                 "--scale", "absmax", "--global-search"])
+    assert r.exit_code == 0, r.output + r.stderr
+    gs = read_checkpoint(out)
+    orig = {}
+    for f in tiny_llama_dir().glob("*.safetensors"):
+        orig.update(load_file(f))
     layer = "model.layers.0.self_attn"
-    g = [gs[f"{layer}.{p}"].global_scale for p in ("q_proj", "k_proj", "v_proj")]
+    parts = [f"{layer}.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+    g = [gs[m].global_scale for m in parts]
     assert g[0] == g[1] == g[2]
-    assert any(not torch.equal(gs[m].global_scale, outs["plain"][m].global_scale) for m in gs)
-    assert '"global-search": true' in (tmp_path / "gs" / "mxptq_report.json").read_text()
+    amax = torch.stack([orig[f"{m}.weight"].abs().amax().float() for m in parts]).amax()
+    norm = search_global_norm([orig[f"{m}.weight"] for m in parts], "nvfp4", "absmax")
+    want = quantize_tensor(orig[f"{parts[0]}.weight"], "nvfp4", "absmax", global_amax=amax,
+                           global_norm=norm)
+    assert torch.equal(g[0], want.global_scale)
+    assert torch.equal(gs[parts[0]].codes, want.codes)
+    assert '"global-search": true' in (out / "mxptq_report.json").read_text()
 
 
 def test_gptq_layers_search_one_norm_per_fused_set():

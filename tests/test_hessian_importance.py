@@ -231,11 +231,11 @@ def test_cli_hessian_writes_the_library_gptq_result(tmp_path):
     text, model = english_text(), tiny_llama_dir()
     out = tmp_path / "h"
     r = CliRunner().invoke(app, ["quantize", "--model", str(model), "--out", str(out),
-                                 "--calib", str(text), "--calib-samples", "4",
-                                 "--calib-seqlen", "32", "--algo", "gptq",
+                                 "--calib", str(text), "--calib-samples", "2",
+                                 "--calib-seqlen", "16", "--algo", "gptq",
                                  "--importance", "hessian"])
     assert r.exit_code == 0, r.output + r.stderr
-    ids = load_calibration(text, AutoTokenizer.from_pretrained(model), 4, 32, 0)
+    ids = load_calibration(text, AutoTokenizer.from_pretrained(model), 2, 16, 0)
     opts = CalibOptions(importance="hessian", algo="gptq")
     lib = {}
     calibrate(model, ids, hessian=True, blocks=opts.covariance_block, keep_stats=False,
