@@ -6,7 +6,8 @@ For each weight shape (rows x K, bf16 values, random correlated inputs for the s
 NVFP4 `search` quantization with no importance, with diagonal importance (E[x²]) and with
 block covariances (Triton kernels/hessian.py, and the torch reference on the same GPU), then
 one GPTQ layer (lazy scales) with diagonal importance and with covariances. Each Triton result
-is compared byte for byte with the torch reference run on the same device. Prints a markdown
+is compared byte for byte with the torch reference run on the same device, after an edge-case
+matrix (every format x selector, block sizes 4/16/32, tiny to huge magnitudes). Prints a markdown
 table (GB/s counts the bf16 weight read once).
 """
 
@@ -35,6 +36,30 @@ def _same(a, b) -> bool:
     return torch.equal(a.codes, b.codes) and torch.equal(a.scale_codes(), b.scale_codes())
 
 
+def edge_matrix() -> tuple[int, int]:
+    """(mismatches, cases): Triton vs the torch reference with covariances on the same GPU, for
+    every format x selector, block sizes 4/16/32, magnitudes from 1e-30 to 1e30."""
+    bad = total = 0
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for fmt in ("nvfp4", "nvfp4-ue5m3", "mxfp4"):
+        for scale in ("absmax", "4over6", "search", "exhaustive"):
+            if fmt == "mxfp4" and scale == "4over6":
+                continue
+            for bs in (4, 16, 32):
+                for mag in (1e-30, 1e-3, 1.0, 1e30):
+                    w = torch.randn(33, 128, device="cuda", generator=gen) * mag
+                    x = torch.randn(512, 128, device="cuda", generator=gen)
+                    st = LinearStats(128, block=bs)
+                    st.add(x @ (torch.eye(128, device="cuda") + 0.2 * torch.randn(
+                        128, 128, device="cuda", generator=gen)))
+                    kw = dict(block_size=bs, importance=st.block_covariance().cuda())
+                    a = quantize_tensor(w, fmt, scale, backend="torch", **kw)
+                    b = quantize_tensor(w, fmt, scale, backend="triton", **kw)
+                    bad += not _same(a, b)
+                    total += 1
+    return bad, total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336")
@@ -44,6 +69,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("error: this benchmark needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n")
+    bad, total = edge_matrix()
+    print(f"edge matrix (formats x selectors x block sizes x magnitudes): {bad} mismatches "
+          f"in {total} cases\n", flush=True)
     print("| shape | what | ms | GB/s | bytes equal to the torch reference |")
     print("|---|---|---:|---:|---|")
     gen = torch.Generator(device="cuda").manual_seed(0)
