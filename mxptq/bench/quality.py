@@ -17,6 +17,9 @@ at two calibration sizes and two seeds (docs/calibration.md, "Which method"):
     python -m mxptq.bench.quality --calib-table --models stories260K,minilm,smollm2 \
         [--device cpu|cuda] [--out table.md] [--sizes 32x256,128x512] [--seeds 0,1]
 
+`--global-gain` prints what `--global-search` buys in the objective it minimises (weight SSE
+of search, default global scale vs searched) on stories260K and MiniLM.
+
 * stories260K: TinyStories validation_100 in docs mode (PPL, KL), calibrated on
   validation_prefix.txt, layer by layer (each layer sees the quantized layers before it).
 * minilm (all-MiniLM-L6-v2): cosine of mean-pooled embeddings with the original's over
@@ -242,6 +245,37 @@ class Encoder:
         return float(cos.mean()), float(cos.min())
 
 
+def global_gain() -> list[str]:
+    """What --global-search buys in the objective it minimises: weight SSE of RTN search per
+    model, summed over the Linears whose K the block divides, default norm vs searched."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from mxptq.tensor import quantize_tensor, search_global_norm
+
+    lines = ["| model | Linears | moved off the default | weight SSE default | searched | change |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, model in (("stories260K", AutoModelForCausalLM.from_pretrained(STORIES)),
+                        ("all-MiniLM-L6-v2", AutoModel.from_pretrained(minilm_dir()))):
+        e0 = e1 = 0.0
+        n = moved = 0
+        for mn, mod in model.named_modules():
+            if not isinstance(mod, torch.nn.Linear) or mod.in_features % 16 or "lm_head" in mn:
+                continue
+            w = mod.weight.detach().float()
+            norm = search_global_norm([w], "nvfp4", "search")
+            for nm, acc in ((None, 0), (norm, 1)):
+                d = w - dequantize(quantize_tensor(w, "nvfp4", "search", global_norm=nm))
+                if acc:
+                    e1 += float((d * d).sum())
+                else:
+                    e0 += float((d * d).sum())
+            n, moved = n + 1, moved + (norm != 448.0)
+        lines.append(f"| {name} | {n} | {moved} | {e0:.4f} | {e1:.4f} | "
+                     f"{100 * (e1 / e0 - 1):+.2f}% |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def calib_table(a) -> list[str]:
     """The "Which method" tables: one per model, rows = method x calibration size, one column
     per seed for each metric."""
@@ -289,6 +323,8 @@ def main() -> None:
     ap.add_argument("--skip-exhaustive-minilm", action="store_true",
                     help="exhaustive on MiniLM takes minutes on a CPU")
     ap.add_argument("--calib-table", action="store_true", help="the calibrated methods' table")
+    ap.add_argument("--global-gain", action="store_true",
+                    help="weight SSE of search with the default vs the searched global scale")
     ap.add_argument("--models", default="stories260K,minilm,smollm2")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=None, help="also write the table here")
@@ -303,6 +339,9 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     if a.calib_table:
         calib_table(a)
+        return
+    if a.global_gain:
+        print("\n".join(global_gain()))
         return
     require(STORIES, TEXT)
     torch.manual_seed(0)
