@@ -295,3 +295,17 @@ def test_triton_quantizer_with_covariances_gives_the_reference_bytes(fmt, bs, sc
     assert (out.global_scale is None) == (ref.global_scale is None)
     if ref.global_scale is not None:
         assert torch.equal(out.global_scale, ref.global_scale)
+
+
+def test_block_covariances_survive_the_resume_state(tmp_path):
+    """A layer's saved statistics keep the block covariances (--resume quantizes with them)."""
+    from mxptq.calibration.state import CalibState
+
+    s = LinearStats(32, block=B)
+    s.add(torch.randn(40, 32, generator=torch.Generator().manual_seed(10)))
+    st = CalibState(tmp_path / "c", "sig", 2)
+    st.start(torch.zeros(1, 4, dtype=torch.long))
+    st.save_layer(0, {"l.q_proj": s}, {})
+    back, _ = st.load_layer(0, "nvfp4", None)
+    assert torch.equal(back["l.q_proj"].block_covariance(), s.block_covariance())
+    assert torch.equal(back["l.q_proj"].second_moment(), s.second_moment())
