@@ -171,9 +171,12 @@ class CausalLM:
             self.base = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name,
                                                              dtype=torch.float32)
             first, second = _wiki_halves()
-            self.calib_text = Path(tempfile.mkdtemp()) / "wiki_test_second_half.txt"
+            work = Path(tempfile.mkdtemp())
+            self.calib_text = work / "wiki_test_second_half.txt"
             self.calib_text.write_text(second)
-            self.seqs = sequences(self.tok, first, "stream", ctx, max_seqs)
+            (work / "wiki_test_first_half.txt").write_text(first)
+            self.seqs = sequences(self.tok, work / "wiki_test_first_half.txt", "stream", ctx,
+                                  max_seqs)
             self.desc = f"WikiText-2 test, first half, stream windows of {ctx} tokens"
         self.base.eval().to(device)
         self.ref = reference_logprobs(self.base, self.seqs)
