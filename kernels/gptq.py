@@ -22,6 +22,7 @@ import triton.language as tl
 from mxptq.formats import Format
 from mxptq.scales import SELECTORS, SelectorConfig
 
+from .hessian import select_hessian
 from .numerics import e2m1_code, e2m1_value, reciprocal, scale_value
 from .quantize import exact_window_options, select_tile
 
@@ -60,6 +61,7 @@ def _gptq_block_kernel(
     MX_CEIL: tl.constexpr,
     HAS_H: tl.constexpr,
     FLOOR: tl.constexpr,
+    HESS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * R + tl.arange(0, R)
@@ -80,11 +82,17 @@ def _gptq_block_kernel(
         if i % B == 0:
             if LAZY:  # the selector on the group's current (error-updated) weights
                 x = tl.max(tl.where((gi == j)[None, :, None], w, float("-inf")), axis=1)
-                hh = tl.broadcast_to(tl.load(imp_ptr + j * B + ti)[None, :], (R, B)) if HAS_H else x
-                c = select_tile(
-                    x, hh, g, inv_g, rmask, B, SEL, WLO, WHI, MAN, BIAS, MAX_CODE, MAX_VALUE,
-                    MX_CEIL, HAS_H, FLOOR,
-                )
+                if HESS:  # imp_ptr holds the block's covariances [G, B, B]
+                    hbase = tl.zeros((R,), tl.int64) + j * (B * B)
+                    c = select_hessian(x, imp_ptr, hbase, g, inv_g, B, SEL, WLO, WHI, MAN, BIAS,
+                                       MAX_CODE, MAX_VALUE, MX_CEIL, FLOOR)
+                else:
+                    hh = (tl.broadcast_to(tl.load(imp_ptr + j * B + ti)[None, :], (R, B))
+                          if HAS_H else x)
+                    c = select_tile(
+                        x, hh, g, inv_g, rmask, B, SEL, WLO, WHI, MAN, BIAS, MAX_CODE,
+                        MAX_VALUE, MX_CEIL, HAS_H, FLOOR,
+                    )
                 tl.store(sc_ptr + rows * stride_sc + j, c, mask=rmask)
             else:
                 c = tl.load(sc_ptr + rows * stride_sc + j, mask=rmask, other=0)
@@ -106,7 +114,8 @@ def _gptq_block_kernel(
 
 
 @functools.lru_cache(maxsize=64)
-def _options(fmt: Format, cfg: SelectorConfig, lazy: bool, has_h: bool, width: int) -> dict:
+def _options(fmt: Format, cfg: SelectorConfig, lazy: bool, has_h: bool, width: int,
+             hess: bool = False) -> dict:
     codec = fmt.scale
     window = exact_window_options(fmt, cfg, "window", has_h)
     b = fmt.block_size
@@ -123,8 +132,9 @@ def _options(fmt: Format, cfg: SelectorConfig, lazy: bool, has_h: bool, width: i
         MAX_CODE=codec.max_code,
         MAX_VALUE=codec.max_value,
         MX_CEIL=fmt.mx_rule == "ceil",
-        HAS_H=has_h,
+        HAS_H=has_h and not hess,
         FLOOR=cfg.underflow_floor,
+        HESS=hess,
         num_warps=4,
         enable_fp_fusion=False,  # w - err·h must round the product first, as torch does
     )
@@ -155,13 +165,15 @@ def gptq_block(
     block: int,
 ) -> torch.Tensor:
     """One GPTQ column block: w1 [N, n] (fp32 view, unit column stride), hinv1 [n, n] (its
-    H⁻¹ factor block, any strides), importance [n] or None, scale_codes [N, n/B] int32
+    H⁻¹ factor block, any strides), importance [n], block covariances [n/B, B, B] (contiguous)
+    or None, scale_codes [N, n/B] int32
     (written when lazy, read otherwise), codes [N, n] uint8 and q [N, n] fp32 (written),
     gv = (g, 1/g) fp32.
     Returns the block's scaled errors Err1 [N, n] for the lazy batch update."""
     n, width = w1.shape
     err = torch.empty((n, width), dtype=torch.float32, device=w1.device)
-    opts = _options(fmt, cfg, lazy, importance is not None, block)
+    hess = importance is not None and importance.dim() == 3
+    opts = _options(fmt, cfg, lazy, importance is not None, block, hess)
     _gptq_block_kernel[(triton.cdiv(n, ROWS),)](
         w1,
         w1.stride(0),

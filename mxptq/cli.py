@@ -136,9 +136,15 @@ def quantize_cmd(
     seed: int = typer.Option(
         None, "--seed", metavar="N", help="Seed of the window starts (or of --calib generate's "
         "sampling); same seed, same bytes. (default: 0)"),
-    importance: bool = typer.Option(
-        None, "--importance/--no-importance", help="Selectors minimize the error weighted by "
-        "E[x²] of each Linear's input channels. (default: off)"),
+    importance: str = typer.Option(
+        None, "--importance", metavar="[none|diag|hessian]", help="What the selectors weight "
+        "the block error by: diag, E[x²] of each Linear's input channels; hessian, the full "
+        "B x B input covariance of each block, (w - ŵ)ᵀ H_b (w - ŵ). (default: none)"),
+    global_search: bool = typer.Option(
+        None, "--global-search/--no-global-search", help="Also search each tensor's (each fused "
+        "set's, shared) FP32 global scale: 16 values over one octave below the default, each "
+        "with the exact block search inside, keeping the least (importance-weighted) block "
+        "error; 16x the selector's work. Formats with a global scale only. (default: off)"),
     algo: str = typer.Option(
         None, "--algo", metavar="[rtn|gptq]", help="rtn: round each weight to its nearest "
         "code; gptq: GPTQ error feedback through the layer Hessian (needs --calib). "
@@ -196,7 +202,8 @@ def quantize_cmd(
         "quantize-lm-head": quantize_lm_head, "device": device,
         "fused-set": list(fused_set or []),
         "calib": calib, "calib-samples": calib_samples, "calib-seqlen": calib_seqlen,
-        "seed": seed, "importance": importance, "algo": algo, "gptq-scales": gptq_scales,
+        "seed": seed, "importance": importance, "global-search": global_search, "algo": algo,
+        "gptq-scales": gptq_scales,
         "damp": damp, "act-order": act_order, "scheme": scheme,
     }
     guarded(quantize_main, cli, recipe, dry_run, overwrite, resume, as_json)

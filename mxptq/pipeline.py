@@ -39,7 +39,7 @@ from .outdir import (
 from .plan import Item, Plan
 from .skeleton import load_skeleton
 from .source import side_files
-from .tensor import QuantizedTensor, dequantize, quantize_tensor
+from .tensor import QuantizedTensor, dequantize, quantize_tensor, search_global_norm
 
 _FLOATS = {"F32", "BF16", "F16", "F64"}
 _PREFETCH_BUNDLES = 4  # bundles read ahead of the device
@@ -152,9 +152,27 @@ def signature(plan: Plan, flags: dict, prints: dict) -> str:
 class Quantizer:
     """Quantize the items of a bundle on the device; returns output tensors and statistics."""
 
-    def __init__(self, plan: Plan, device: torch.device, calib: CalibData | None = None):
+    def __init__(self, plan: Plan, device: torch.device, calib: CalibData | None = None,
+                 global_search: bool = False):
         self.plan, self.device, self.backend = plan, device, _backend(device)
         self.calib = calib or CalibData()
+        self.global_search = global_search and plan.fmt.has_global
+
+    def _importance(self, module: str) -> torch.Tensor | None:
+        imp = self.calib.importance.get(module)
+        return None if imp is None else imp.to(self.device)
+
+    def _norm(self, ws: list[torch.Tensor], modules: list[str], amax) -> float | None:
+        """--global-search: the global_norm of tensors that share one global scale, searched
+        on their RTN error (None: the selector's default, also when GPTQ chose the bytes)."""
+        if not self.global_search or any(self._gptq([m]) is not None for m in modules):
+            return None
+        try:
+            return search_global_norm(ws, self.plan.fmt, self.plan.scale,
+                                      importances=[self._importance(m) for m in modules],
+                                      global_amax=amax)
+        except ValueError as e:
+            raise MxptqError(f"tensor {modules[0]}: {e}") from e
 
     def _gptq(self, modules: list[str]) -> QuantizedTensor | None:
         """GPTQ's bytes for these Linears stacked by rows (an expert's gate and up), if any."""
@@ -167,18 +185,17 @@ class Quantizer:
                                torch.cat([p.scales for p in parts]),
                                parts[0].global_scale, parts[0].format)
 
-    def _one(self, w: torch.Tensor, name: str, modules: list[str], amax) -> tuple:
+    def _one(self, w: torch.Tensor, name: str, modules: list[str], amax,
+             norm: float | None = None) -> tuple:
         """RTN (importance-weighted when calibration gave one) unless GPTQ already chose the
         bytes; the error is measured against the original weight either way."""
         module = modules[0]
         qt = self._gptq(modules)
         if qt is None:
-            imp = self.calib.importance.get(module)
             try:
                 qt = quantize_tensor(
-                    w, self.plan.fmt, self.plan.scale,
-                    importance=None if imp is None else imp.to(self.device),
-                    global_amax=amax, backend=self.backend,
+                    w, self.plan.fmt, self.plan.scale, importance=self._importance(module),
+                    global_amax=amax, backend=self.backend, global_norm=norm,
                 )
             except ValueError as e:
                 raise MxptqError(f"tensor {name}: {e}") from e
@@ -206,9 +223,14 @@ class Quantizer:
                 amax = torch.maximum(amax, torch.tensor(b.partner_amax, device=self.device))
         out: dict[str, torch.Tensor] = {}
         stats: list[dict] = []
+        dense = [(it, w) for it, w in zip(b.items, dev, strict=True) if it.layout is None]
+        # A fused set split over shards keeps the default: its partners are not here to search
+        norm = None
+        if dense and b.partner_amax is None:
+            norm = self._norm([w for _, w in dense], [it.modules[0] for it, _ in dense], amax)
         for it, w in zip(b.items, dev, strict=True):
             if it.layout is None:
-                qt, err, den = self._one(w, it.name, it.modules[:1], amax)
+                qt, err, den = self._one(w, it.name, it.modules[:1], amax, norm)
                 out.update(self._write(it.modules[0], qt))
             else:
                 err = den = 0.0
@@ -216,7 +238,8 @@ class Quantizer:
                     we = w[e] if it.layout == "out_in" else w[e].t().contiguous()
                     # gate and up of one expert share its input, hence the first's importance
                     mods = it.modules[e * it.split : (e + 1) * it.split]
-                    qt, e_err, e_den = self._one(we, f"{it.name}[{e}]", mods, None)
+                    e_norm = self._norm([we], mods[:1], None)
+                    qt, e_err, e_den = self._one(we, f"{it.name}[{e}]", mods, None, e_norm)
                     err, den = err + e_err, den + e_den
                     rows = qt.codes.shape[0] // it.split
                     for j in range(it.split):
@@ -485,7 +508,7 @@ def run(
 
 def _stream(plan, opts, device, tmp, names, todo, prints, on_progress) -> dict[str, dict]:
     """Read, quantize and write the shards in `todo`; returns their records."""
-    quant = Quantizer(plan, device, opts.calib)
+    quant = Quantizer(plan, device, opts.calib, bool(opts.flags.get("global-search")))
     q: queue.Queue = queue.Queue(maxsize=_PREFETCH_BUNDLES)
     stop = threading.Event()
     pin = device.type == "cuda"

@@ -150,6 +150,7 @@ def run_calibration(plan: Plan, opts: dict, run: CalibRun, dist: Dist | None = N
         activation_scales,
         calibrate,
         fused_groups,
+        importance_of,
         model_names,
         quantize_layer,
     )
@@ -178,9 +179,9 @@ def run_calibration(plan: Plan, opts: dict, run: CalibRun, dist: Dist | None = N
     gptq = opts["algo"] == "gptq"
     copts = CalibOptions(
         format=opts["format"], scale=opts["scale"], block_size=opts["block-size"],
-        importance=bool(opts["importance"]), algo=opts["algo"],
+        importance=opts["importance"], algo=opts["algo"],
         gptq_scales=opts["gptq-scales"], damp=float(opts["damp"]),
-        act_order=bool(opts["act-order"]),
+        act_order=bool(opts["act-order"]), global_search=bool(opts["global-search"]),
     )
     data = CalibData()
     stats: dict = {}
@@ -220,6 +221,7 @@ def run_calibration(plan: Plan, opts: dict, run: CalibRun, dist: Dist | None = N
             task = bar.add_task("c", total=n_layers, completed=done)
             try:
                 calibrate(plan.model_dir, ids, device=device, hessian=gptq,
+                          blocks=copts.covariance_block,
                           on_layer=on_layer, sequential=gptq, keep_stats=False, start=done,
                           hidden=hidden, on_boundary=on_boundary,
                           on_progress=lambda k, n: bar.update(task, completed=k))
@@ -227,8 +229,9 @@ def run_calibration(plan: Plan, opts: dict, run: CalibRun, dist: Dist | None = N
                 raise _interrupted(state if lead else None, last, done, n_layers, run.tmp,
                                    _generated(opts)) from None
     stats = {m: stats[m] for m in planned if m in stats}
-    if opts["importance"]:
-        data.importance = {m: s.second_moment() for m, s in stats.items() if s.tokens}
+    if copts.importance != "none":
+        data.importance = {m: importance_of(s, copts.importance)
+                           for m, s in stats.items() if s.tokens}
     notes += _notes(planned, stats, data, opts)
     if opts["scheme"] == "w4a4":
         _fill_empty_amax(stats)
@@ -327,7 +330,7 @@ def _notes(planned: list[str], stats: dict, data: CalibData, opts: dict) -> list
                      f"their input width (e.g. {pooled[0]}): their statistics are topped up "
                      "with their sibling experts' (docs/calibration.md, \"Starved experts\")")
     empty = [m for m in planned if m not in data.importance]
-    if opts["importance"] and empty:
+    if opts["importance"] != "none" and empty:
         notes.append(f"{len(empty)} quantized Linears have no calibration statistics "
                      f"(outside the transformer layers, or experts of a layer that routed no "
                      f"token at all, e.g. {empty[0]}): plain RTN")

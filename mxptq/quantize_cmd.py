@@ -43,7 +43,7 @@ from .source import resolve_model, side_files
 CALIB_KEYS = ("calib", "calib-samples", "calib-seqlen", "seed", "importance", "algo",
               "gptq-scales", "damp", "act-order", "scheme")
 _CHOICES = {"algo": ("rtn", "gptq"), "gptq-scales": ("lazy", "static"),
-            "scheme": ("w4a16", "w4a4")}
+            "scheme": ("w4a16", "w4a4"), "importance": ("none", "diag", "hessian")}
 
 
 def _gib(n: int) -> str:
@@ -93,10 +93,12 @@ def check_ignore(patterns) -> None:
 def check_calibration(opts: dict) -> None:
     """The calibration flags, before any heavy work: each one that uses calibration needs
     --calib, and --calib alone would calibrate for nothing."""
+    if isinstance(opts["importance"], bool):  # recipes written before the modes: true = diag
+        opts["importance"] = "diag" if opts["importance"] else "none"
     for key, choices in _CHOICES.items():
         if opts[key] not in choices:
             raise MxptqError(f"unknown --{key} {opts[key]!r} (one of {', '.join(choices)})")
-    uses = [f for f, on in (("--importance", opts["importance"]),
+    uses = [f for f, on in ((f"--importance {opts['importance']}", opts["importance"] != "none"),
                             ("--algo gptq", opts["algo"] == "gptq"),
                             ("--scheme w4a4", opts["scheme"] == "w4a4")) if on]
     if uses and not opts["calib"]:
@@ -251,7 +253,8 @@ def quantize_main(cli: dict, recipe: Path | None, dry_run: bool, overwrite: bool
                               "plan": plan.summary()}, indent=2))
         return
     flags = {k: opts[k] for k in ("format", "scale", "block-size", "dialect", "ignore",
-                                  "quantize-lm-head", "device", "fused-set", *CALIB_KEYS)}
+                                  "quantize-lm-head", "device", "fused-set", "global-search",
+                                  *CALIB_KEYS)}
     flags["model"] = str(opts["model"])
     if opts["calib"] and Path(opts["calib"]).is_file():  # --resume must see the same text
         flags["calib-sha256"] = _file_sha256(Path(opts["calib"]))

@@ -18,6 +18,7 @@ DEFAULTS: dict = {
     "quantize-lm-head": False,
     "fused-set": [],  # replaces the built-in fused-set table (docs/quantize.md)
     "device": "auto",
+    "global-search": False,  # search each tensor's / fused set's global scale
     "model": None,
     "out": None,
     # calibration (docs/calibration.md)
@@ -25,7 +26,7 @@ DEFAULTS: dict = {
     "calib-samples": 128,
     "calib-seqlen": 2048,
     "seed": 0,
-    "importance": False,
+    "importance": "none",  # none | diag | hessian
     "algo": "rtn",
     "gptq-scales": "lazy",
     "damp": 0.01,

@@ -14,6 +14,12 @@ Arithmetic is fixed to the last rounding so that any implementation can match it
   err      = pairwise tree sum over the block of d·d (·h_k with importance weights)
 The tree adds neighbours (0+1, 2+3, ...) level by level, so its order is fixed. For formats
 without a global scale g = 1.
+
+With a block covariance H_b (B x B per block, `--importance hessian`) the error is the
+quadratic form dᵀ H_b d on the signed d, evaluated as
+  t_i      = tree sum over j of H_b[i, j]·d_j       (each product rounded, then the tree)
+  err      = tree sum over i of d_i·t_i
+so the importance argument is either diagonal weights [K/B, B] or covariances [K/B, B, B].
 """
 
 from __future__ import annotations
@@ -112,14 +118,23 @@ def block_error(
     inv_g: torch.Tensor,
     h: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Block error (SSE in encoded units, or h-weighted) of blocks x [..., B] at scales s [...];
-    y = x·g is passed in so that it is computed once."""
+    """Block error (SSE in encoded units, h-weighted, or the quadratic form with block
+    covariances h [..., B, B]) of blocks x [..., B] at scales s [...]; y = x·g is passed in so
+    that it is computed once."""
     q = e2m1_decode(quantize_codes(x, s, inv_g))
     d = y - q * s.unsqueeze(-1)
+    if is_block_covariance(h, x.shape[-1]):
+        return tree_sum(d * tree_sum(h * d.unsqueeze(-2)))
     sq = d * d
     if h is not None:
         sq = sq * h
     return tree_sum(sq)
+
+
+def is_block_covariance(h: torch.Tensor | None, b: int) -> bool:
+    """Importance given as one B x B covariance per block ([K/B, B, B]), not diagonal weights
+    ([K/B, B] or [K])."""
+    return h is not None and h.dim() == 3 and h.shape[-2:] == (b, b)
 
 
 def absmax_code(

@@ -130,7 +130,7 @@ def test_cli_generate_records_resumes_and_repeats(tiny, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("spec", ["generate:", "generate:x", "generate:0"])
 def test_bad_generate_spec_is_one_error_line(tiny, tmp_path, spec):
-    r = invoke(tiny, tmp_path / "o", "--calib", spec, "--importance")
+    r = invoke(tiny, tmp_path / "o", "--calib", spec, "--importance", "diag")
     assert r.exit_code == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr

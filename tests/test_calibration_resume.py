@@ -55,7 +55,8 @@ def report(out):
     return json.loads((out / "mxptq_report.json").read_text())
 
 
-@pytest.mark.parametrize("mode", [("--algo", "gptq", "--importance"), ("--scheme", "w4a4")])
+@pytest.mark.parametrize("mode", [("--algo", "gptq", "--importance", "diag"),
+                                  ("--scheme", "w4a4")])
 def test_interrupt_at_a_layer_boundary_then_resume_gives_the_same_bytes(
         model, text, tmp_path, monkeypatch, mode):
     args = calib(text, *mode)
@@ -115,9 +116,9 @@ def test_a_killed_run_resumes_from_its_last_saved_boundary(model, text, tmp_path
 def test_resume_with_other_calibration_flags_is_refused(model, text, tmp_path, monkeypatch):
     out = tmp_path / "o"
     monkeypatch.setenv(STOP_ENV, "1")
-    assert invoke(model, out, *calib(text, "--importance")).exit_code == 2
+    assert invoke(model, out, *calib(text, "--importance", "diag")).exit_code == 2
     monkeypatch.delenv(STOP_ENV)
-    r = invoke(model, out, *calib(text, "--importance", "--seed", "7"), "--resume")
+    r = invoke(model, out, *calib(text, "--importance", "diag", "--seed", "7"), "--resume")
     assert r.exit_code == 2 and "other flags" in r.stderr, r.stderr
     assert (partial_dir(out) / CALIB_STATE_DIR / "state.json").is_file()  # left for a resume
 
@@ -126,7 +127,7 @@ def test_window_is_clamped_to_the_context_with_a_note_and_time_counts_calibratio
         model, text, tmp_path):
     out = tmp_path / "o"
     r = ok(invoke(model, out, "--calib", text, "--calib-samples", "3", "--calib-seqlen", "100",
-                  "--importance"))
+                  "--importance", "diag"))
     assert "exceeds the model's context (max_position_embeddings 64)" in " ".join(r.output.split())
     rep = report(out)
     assert rep["calibration"]["windows"] == [3, 64]
@@ -136,9 +137,9 @@ def test_window_is_clamped_to_the_context_with_a_note_and_time_counts_calibratio
 
 def test_progress_bar_on_a_terminal_only(model, text, tmp_path, monkeypatch):
     monkeypatch.setenv("TTY_COMPATIBLE", "1")
-    r = ok(invoke(model, tmp_path / "a", *calib(text, "--importance")))
+    r = ok(invoke(model, tmp_path / "a", *calib(text, "--importance", "diag")))
     assert "calibrate" in r.output and "4/4 layers" in r.output
-    r = ok(invoke(model, tmp_path / "b", *calib(text, "--importance"), "--json"))
+    r = ok(invoke(model, tmp_path / "b", *calib(text, "--importance", "diag"), "--json"))
     assert "calibrate" not in r.stderr + r.stdout
     json.loads(r.stdout)
 

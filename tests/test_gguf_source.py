@@ -147,7 +147,7 @@ def test_quantize_a_gguf_file_with_generated_calibration(tiny_gguf, tmp_path):
     path, _, _ = tiny_gguf
     out = tmp_path / "q"
     r = _invoke("quantize", "--model", path, "--out", out, "--calib", "generate:2",
-                "--calib-seqlen", "16", "--importance")
+                "--calib-seqlen", "16", "--importance", "diag")
     assert r.exit_code == 0, r.output + r.stderr
     rep = json.loads((out / "mxptq_report.json").read_text())
     assert rep["quantization_error"]["tensors"] == 14 and rep["calibration"]["source"] == "generate"

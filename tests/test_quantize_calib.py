@@ -54,14 +54,14 @@ def weighted_error(qdir, stats) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("args", [
-    ["--importance"],
+    ["--importance", "diag"],
     ["--algo", "gptq"],
     ["--scheme", "w4a4"],
     CALIB,
     [*CALIB, "--scheme", "w4a4", "--dialect", "native"],
     [*CALIB, "--scheme", "w4a4", "--format", "mxfp4"],
     [*CALIB, "--algo", "bogus"],
-    [*CALIB, "--importance", "--damp", "0"],
+    [*CALIB, "--importance", "diag", "--damp", "0"],
 ])
 def test_bad_flag_combinations_fail_in_one_line(tmp_path, args):
     r = invoke(tmp_path / "o", *args)
@@ -73,26 +73,26 @@ def test_bad_flag_combinations_fail_in_one_line(tmp_path, args):
 
 def test_importance_lowers_the_weighted_error(tmp_path, stats):
     plain = quantize(tmp_path / "plain")
-    imp = quantize(tmp_path / "imp", *CALIB, "--importance")
+    imp = quantize(tmp_path / "imp", *CALIB, "--importance", "diag")
     assert (plain / "model.safetensors").read_bytes() != (imp / "model.safetensors").read_bytes()
     ep, ei = weighted_error(plain, stats), weighted_error(imp, stats)
     assert all(ei[m] <= ep[m] * (1 + 1e-6) for m in ep)  # per block the optimum of its metric
     assert sum(ei.values()) < sum(ep.values())
     rep = json.loads((imp / "mxptq_report.json").read_text())
-    assert rep["flags"]["importance"] is True and rep["flags"]["calib-samples"] == 8
+    assert rep["flags"]["importance"] == "diag" and rep["flags"]["calib-samples"] == 8
     assert rep["calibration"]["tokens"] == 8 * 64 and rep["calibration"]["empty"] == []
 
 
 def test_same_seed_same_bytes(tmp_path):
-    a = quantize(tmp_path / "a", *CALIB, "--importance")
-    b = quantize(tmp_path / "b", *CALIB, "--importance")
-    c = quantize(tmp_path / "c", *CALIB, "--importance", "--seed", "1")
+    a = quantize(tmp_path / "a", *CALIB, "--importance", "diag")
+    b = quantize(tmp_path / "b", *CALIB, "--importance", "diag")
+    c = quantize(tmp_path / "c", *CALIB, "--importance", "diag", "--seed", "1")
     data = [(p / "model.safetensors").read_bytes() for p in (a, b, c)]
     assert data[0] == data[1] != data[2]
 
 
 def test_gptq_writes_the_library_result(tmp_path, ids):
-    out = quantize(tmp_path / "g", *CALIB, "--algo", "gptq", "--importance")
+    out = quantize(tmp_path / "g", *CALIB, "--algo", "gptq", "--importance", "diag")
     opts = CalibOptions(format="nvfp4", scale="search", importance=True, algo="gptq")
     lib = {}
     calibrate(tiny_llama_dir(), ids, hessian=True, keep_stats=False,
@@ -114,7 +114,7 @@ def test_gptq_beats_rtn_on_a_trained_model(tmp_path, shared_assets):
     calib = ["--calib", text / "validation_prefix.txt", "--calib-samples", "8",
              "--calib-seqlen", "64"]
     outs = {}
-    for name, args in (("g", [*calib, "--algo", "gptq", "--importance"]),
+    for name, args in (("g", [*calib, "--algo", "gptq", "--importance", "diag"]),
                        ("r", ["--scale", "absmax"])):
         r = CliRunner().invoke(app, ["quantize", "--model", str(model), "--out",
                                      str(tmp_path / name), *map(str, args)])
@@ -183,9 +183,9 @@ def test_w4a4_modelopt_input_scale(tmp_path, stats):
 def test_resume_refuses_other_calibration_flags(tmp_path, monkeypatch):
     out = tmp_path / "o"
     monkeypatch.setenv(KILL_ENV, "shard-recorded#1@raise")
-    assert invoke(out, *CALIB, "--importance").exit_code != 0
+    assert invoke(out, *CALIB, "--importance", "diag").exit_code != 0
     monkeypatch.delenv(KILL_ENV)
-    r = invoke(out, *CALIB, "--importance", "--seed", "3", "--resume")
+    r = invoke(out, *CALIB, "--importance", "diag", "--seed", "3", "--resume")
     assert r.exit_code == 2 and "other flags" in r.stderr
 
 
@@ -193,7 +193,8 @@ def test_resume_refuses_changed_calibration_text(tmp_path, monkeypatch):
     """Same --calib path, other contents: the calibration (and so the bytes) would differ."""
     text = tmp_path / "calib.txt"
     text.write_text(TEXT.read_text())
-    args = ["--calib", text, "--calib-samples", "8", "--calib-seqlen", "64", "--importance"]
+    args = ["--calib", text, "--calib-samples", "8", "--calib-seqlen", "64",
+            "--importance", "diag"]
     out = tmp_path / "o"
     monkeypatch.setenv(KILL_ENV, "shard-recorded#1@raise")
     assert invoke(out, *args).exit_code != 0
@@ -291,7 +292,7 @@ def test_mixtral_expert_names_get_their_statistics(tmp_path):
         assert r.exit_code == 0, r.output + r.stderr
         return read_checkpoint(out), json.loads((out / "mxptq_report.json").read_text())
 
-    q, rep = run(tmp_path / "gptq", *CALIB, "--algo", "gptq", "--importance")
+    q, rep = run(tmp_path / "gptq", *CALIB, "--algo", "gptq", "--importance", "diag")
     qr, _ = run(tmp_path / "rtn")
     experts = [m for m in q if ".block_sparse_moe.experts." in m]
     assert len(experts) == 2 * 4 * 3

@@ -300,7 +300,7 @@ def test_calibration_of_a_quantized_source_is_refused(tmp_path, fp8):
     calib = tmp_path / "c.txt"
     calib.write_text("some text " * 50)
     run_fails(fp8.src, tmp_path / "o", "--calib", "FP8 E4M3",
-              args=("--calib", str(calib), "--importance"))
+              args=("--calib", str(calib), "--importance", "diag"))
 
 
 def test_source_error_is_raised_by_the_library_too(fp8):

@@ -108,7 +108,8 @@ def test_calibration_needs_the_model_class(tmp_path):
     calib = tmp_path / "c.txt"
     calib.write_text("text " * 100)
     r = CliRunner().invoke(app, ["quantize", "--model", str(unknown), "--out",
-                                 str(tmp_path / "o"), "--calib", str(calib), "--importance"])
+                                 str(tmp_path / "o"), "--calib", str(calib),
+                                 "--importance", "diag"])
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("error: --calib needs the model class")

@@ -91,7 +91,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     src = a.dir / f"model-{c['layers']}"
     if not (src / "config.json").exists():
-        generate(src, c, shards=2)
+        generate(src, "llama-8b", c, shards=2, shard_gib=None)
         if a.tiny:  # Llama-3's BOS/EOS ids are outside the tiny vocabulary
             cfg = json.loads((src / "config.json").read_text())
             cfg.update(bos_token_id=1, eos_token_id=2)

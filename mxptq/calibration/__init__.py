@@ -7,7 +7,15 @@ from .activations import (
     attach_activation_fake_quant,
     fake_quantize_activation,
 )
-from .apply import CalibOptions, fused_groups, model_names, quantize_layer, quantize_linear
+from .apply import (
+    IMPORTANCE,
+    CalibOptions,
+    fused_groups,
+    importance_of,
+    model_names,
+    quantize_layer,
+    quantize_linear,
+)
 from .data import load_calibration, load_text
 from .generate import generate_windows
 from .gptq import GPTQResult, gptq_quantize
@@ -15,6 +23,7 @@ from .runner import CalibrationResult, LayerRun, calibrate
 from .stats import LinearStats
 
 __all__ = [
+    "IMPORTANCE",
     "ActivationScale",
     "CalibOptions",
     "CalibrationResult",
@@ -28,6 +37,7 @@ __all__ = [
     "fused_groups",
     "generate_windows",
     "gptq_quantize",
+    "importance_of",
     "load_calibration",
     "load_text",
     "model_names",

@@ -17,12 +17,21 @@ from torch import nn
 
 from ..formats import get_format
 from ..plan import FUSED_SETS
-from ..tensor import QuantizedTensor, dequantize, quantize_tensor, tensor_amax
+from ..tensor import (
+    QuantizedTensor,
+    dequantize,
+    quantize_tensor,
+    search_global_norm,
+    tensor_amax,
+)
 from .gptq import gptq_quantize
 from .hooks import in_out_layout, is_fused_experts
 from .runner import LayerRun
 
 ALGOS = ("rtn", "gptq")
+# What the selectors weight their block error by: nothing, E[x_k²] per input channel, or the
+# block covariance E[x_b x_bᵀ] of each block of input channels (the quadratic form).
+IMPORTANCE = ("none", "diag", "hessian")
 # Fused expert parameters and the per-expert Linears their rows hold, in order.
 EXPERT_PARAMS = (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",)))
 
@@ -34,19 +43,41 @@ class CalibOptions:
     format: str = "nvfp4"
     scale: str = "search"
     block_size: int | None = None
-    importance: bool = False  # weight the selector's error by E[x²] per input channel
+    importance: str = "none"  # one of IMPORTANCE (True / False: "diag" / "none")
     algo: str = "rtn"
     gptq_scales: str = "lazy"
     damp: float = 0.01
     act_order: bool = False
+    global_search: bool = False  # search each fused set's global scale (tensor.search_global_norm)
 
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
             raise ValueError(f"unknown --algo {self.algo!r} (one of {', '.join(ALGOS)})")
+        if isinstance(self.importance, bool):
+            object.__setattr__(self, "importance", "diag" if self.importance else "none")
+        if self.importance not in IMPORTANCE:
+            raise ValueError(f"unknown --importance {self.importance!r} "
+                             f"(one of {', '.join(IMPORTANCE)})")
 
     @property
     def needs_hessian(self) -> bool:
         return self.algo == "gptq"
+
+    @property
+    def covariance_block(self) -> int:
+        """Block size whose input covariances calibration must collect (0: none)."""
+        if self.importance != "hessian":
+            return 0
+        return get_format(self.format, self.block_size).block_size
+
+
+def importance_of(stats, importance: str) -> torch.Tensor | None:
+    """The selector weights a Linear's statistics give for an --importance mode."""
+    if importance == "diag":
+        return stats.second_moment()
+    if importance == "hessian":
+        return stats.block_covariance()
+    return None
 
 
 # Checkpoint expert names that transformers renames when it fuses experts at load time
@@ -85,24 +116,37 @@ def fused_groups(names: list[str]) -> list[list[str]]:
 
 
 def quantize_linear(
-    w: torch.Tensor, stats, opts: CalibOptions, global_amax: torch.Tensor | None = None
+    w: torch.Tensor, stats, opts: CalibOptions, global_amax: torch.Tensor | None = None,
+    global_norm: float | None = None,
 ) -> QuantizedTensor:
     """One weight by the chosen algorithm, with the calibration statistics of its input. A
     Linear that saw no calibration token (an unrouted expert) falls back to plain RTN: GPTQ
-    would zero all its columns."""
+    would zero all its columns. `global_norm` overrides the selector's (global-scale search)."""
     if stats.tokens == 0:
         return quantize_tensor(w, opts.format, opts.scale, opts.block_size,
-                               global_amax=global_amax)
-    imp = stats.second_moment() if opts.importance else None
+                               global_amax=global_amax, global_norm=global_norm)
+    imp = importance_of(stats, opts.importance)
     if opts.algo == "gptq":
         return gptq_quantize(
             w, stats.hessian().to(w.device), opts.format, opts.scale, opts.block_size,
             scales=opts.gptq_scales,
             percdamp=opts.damp, act_order=opts.act_order, importance=imp,
-            global_amax=global_amax,
+            global_amax=global_amax, global_norm=global_norm,
         ).qt
     return quantize_tensor(w, opts.format, opts.scale, opts.block_size, imp,
-                           global_amax=global_amax)
+                           global_amax=global_amax, global_norm=global_norm)
+
+
+def searched_norm(ws: list[torch.Tensor], stats: list, opts: CalibOptions,
+                  global_amax: torch.Tensor) -> float | None:
+    """With --global-search, the global_norm of a fused set chosen on its original weights by
+    the set's total (importance-weighted) block error; else None (the selector's default)."""
+    if not opts.global_search:
+        return None
+    imps = [importance_of(s, opts.importance) if s.tokens else None for s in stats]
+    imps = [None if i is None else i.to(w.device) for i, w in zip(imps, ws, strict=True)]
+    return search_global_norm(ws, opts.format, opts.scale, opts.block_size, imps,
+                              global_amax=global_amax)
 
 
 def quantize_layer(
@@ -121,9 +165,15 @@ def quantize_layer(
     names = list(linears)
     own = {n: tensor_amax(m.weight.detach()) for n, m in linears.items()}  # before any change
     out: dict[str, QuantizedTensor] = {}
+    norms: dict[str, float | None] = {}
+    for group in fused_groups(names):
+        amax = max(own[p] for p in group)
+        norm = searched_norm([linears[p].weight.detach() for p in group],
+                             [run.stats[p] for p in group], opts, amax)
+        norms.update(dict.fromkeys(group, norm))
     for name, mod in linears.items():
         amax = max(own[p] for p in fused_partners(name, names))
-        qt = quantize_linear(mod.weight.detach(), run.stats[name], opts, amax)
+        qt = quantize_linear(mod.weight.detach(), run.stats[name], opts, amax, norms[name])
         out[name] = qt
         mod.weight.data = dequantize(qt).to(mod.weight.dtype)
     for name, mod in run.layer.named_modules():
@@ -150,7 +200,8 @@ def _quantize_experts(full: str, mod: nn.Module, run: LayerRun, opts: CalibOptio
             w = param.data[e].t() if in_out else param.data[e]  # [out, in]
             if w.shape[1] % block:
                 continue
-            qt = quantize_linear(w, run.stats[names[0]], opts, tensor_amax(w))
+            st, amax = run.stats[names[0]], tensor_amax(w)
+            qt = quantize_linear(w, st, opts, amax, searched_norm([w], [st], opts, amax))
             rows = w.shape[0] // len(parts)
             for j, n in enumerate(names):
                 sl = slice(j * rows, (j + 1) * rows)

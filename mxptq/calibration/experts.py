@@ -54,9 +54,10 @@ def pool_starved_experts(stats: dict[str, LinearStats], min_tokens: int | None =
         own = [s for _, s in members if s.tokens]
         if own:
             xtx = sum(s.xtx for s in own) if all(s.xtx is not None for s in own) else None
+            bxx = sum(s.bxx for s in own) if all(s.bxx is not None for s in own) else None
             pools.append((members, sum(s.tokens for s in own), sum(s.sq_sum for s in own), xtx,
-                          max(s.amax for s in own)))
-    for members, pool_n, pool_sq, pool_xtx, pool_amax in pools:
+                          bxx, max(s.amax for s in own)))
+    for members, pool_n, pool_sq, pool_xtx, pool_bxx, pool_amax in pools:
         for _, s in members:
             target = min_tokens if min_tokens is not None else s.in_features
             if s.borrowed or s.tokens >= target:  # gate and up share one: topped up once
@@ -65,6 +66,8 @@ def pool_starved_experts(stats: dict[str, LinearStats], min_tokens: int | None =
             s.sq_sum = w * pool_sq if s.sq_sum is None else s.sq_sum + w * pool_sq
             if s.with_hessian and pool_xtx is not None:
                 s.xtx = w * pool_xtx if s.xtx is None else s.xtx + w * pool_xtx
+            if s.block and pool_bxx is not None:
+                s.bxx = w * pool_bxx if s.bxx is None else s.bxx + w * pool_bxx
             s.amax = max(s.amax, pool_amax)
             s.borrowed = target - s.tokens
             s.tokens = target

@@ -62,10 +62,10 @@ def gptq_quantize(
     """Quantize w [N, K] against the layer Hessian H [K, K] (2/n Σ x xᵀ).
 
     `global_amax` fixes the amax behind the global scale (a fused set's shared amax); by
-    default it is the amax of the original `w`. `importance` (length K) weights the selector's
-    block error, as in `quantize_tensor`. `backend` "auto" runs each column block as one Triton
-    launch on CUDA tensors (same bytes as the torch loop), "triton" forces that, "torch" the
-    loop; activation order always takes the torch loop.
+    default it is the amax of the original `w`. `importance` (length K, or block covariances
+    [K/B, B, B]) weights the selector's block error, as in `quantize_tensor`. `backend` "auto"
+    runs each column block as one Triton launch on CUDA tensors (same bytes as the torch loop),
+    "triton" forces that, "torch" the loop; activation order always takes the torch loop.
     """
     if scales not in GPTQ_SCALES:
         raise ValueError(f"unknown GPTQ scale mode {scales!r} (one of {', '.join(GPTQ_SCALES)})")
@@ -77,8 +77,9 @@ def gptq_quantize(
     if hessian.shape != (k, k):
         raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match K = {k}")
     dev = w.device
-    h = _check_importance(importance, k, dev)
-    hb = None if h is None else h.view(k // bs, bs)
+    h = _check_importance(importance, k, dev, bs)
+    cov = S.is_block_covariance(h, bs)
+    hb = h if cov or h is None else h.view(k // bs, bs)
     if fmt.has_global:
         amax = tensor_amax(w) if global_amax is None else torch.as_tensor(global_amax)
         g = S.global_encode_scale(amax.to(dev), cfg.global_norm)
@@ -110,7 +111,10 @@ def gptq_quantize(
         gv = torch.stack([g.reshape(()), inv_g.reshape(())]).float()
         for i1 in range(0, k, block):
             i2 = min(i1 + block, k)
-            imp = None if h is None else h[i1:i2]
+            if h is None or scales == "static":
+                imp = None
+            else:
+                imp = h[i1 // bs : i2 // bs] if cov else h[i1:i2]
             sl = slice(i1 // bs, i2 // bs)
             err1 = gptq_block(
                 W[:, i1:i2], Hinv[i1:i2, i1:i2], imp, sc[:, sl], codes[:, i1:i2], Q[:, i1:i2],

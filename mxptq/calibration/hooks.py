@@ -59,24 +59,25 @@ def _experts_hook(gate_up: list[LinearStats], down: list[LinearStats], in_out: b
 
 
 def attach_stat_hooks(
-    layer: nn.Module, prefix: str, hessian: bool
+    layer: nn.Module, prefix: str, hessian: bool, block: int = 0
 ) -> tuple[dict[str, LinearStats], list]:
     """Hook every Linear (and fused expert set) of `layer`; returns stats keyed by full module
-    name (created up front, so a Linear that saw no token shows up with tokens == 0)."""
+    name (created up front, so a Linear that saw no token shows up with tokens == 0). `block`
+    > 0 also collects block covariances of that block size."""
     stats: dict[str, LinearStats] = {}
     handles = []
     for name, mod in layer.named_modules():
         full = f"{prefix}.{name}" if name else prefix
         if isinstance(mod, nn.Linear):
-            s = stats[full] = LinearStats(mod.in_features, hessian)
+            s = stats[full] = LinearStats(mod.in_features, hessian, block=block)
             handles.append(mod.register_forward_pre_hook(_linear_hook(s)))
         elif is_fused_experts(mod):
             in_out = in_out_layout(mod)
             n_exp = mod.gate_up_proj.shape[0]
             k_gu = mod.gate_up_proj.shape[1 if in_out else 2]
             k_d = mod.down_proj.shape[1 if in_out else 2]
-            gu = [LinearStats(k_gu, hessian) for _ in range(n_exp)]
-            dn = [LinearStats(k_d, hessian) for _ in range(n_exp)]
+            gu = [LinearStats(k_gu, hessian, block=block) for _ in range(n_exp)]
+            dn = [LinearStats(k_d, hessian, block=block) for _ in range(n_exp)]
             for e in range(n_exp):
                 stats[f"{full}.{e}.gate_proj"] = gu[e]
                 stats[f"{full}.{e}.up_proj"] = gu[e]

@@ -148,6 +148,7 @@ def calibrate(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     hessian: bool = False,
+    blocks: int = 0,
     on_layer: Callable[[LayerRun], None] | None = None,
     sequential: bool = True,
     batch_size: int = 8,
@@ -166,6 +167,9 @@ def calibrate(
     replace them by their dequantized FP4 values); with `sequential`, the next layer then sees
     the outputs of the changed layer. `keep_stats=False` drops each layer's statistics after
     the callback (Hessians of a large model do not fit in memory all at once).
+
+    `blocks` > 0 also collects each Linear's block covariances (blocks of that many input
+    channels, `--importance hessian`).
 
     Resuming: `start` layers are taken as done and `hidden` [n, L, H] as the hidden states
     entering layer `start` (what `on_boundary(k, hidden)` was given after layer k-1, for every
@@ -201,7 +205,7 @@ def calibrate(
             continue
         name = f"{prefix}.{i}"
         store.load(name, layer)
-        stats, handles = attach_stat_hooks(layer, name, hessian)
+        stats, handles = attach_stat_hooks(layer, name, hessian, blocks)
         out = torch.empty_like(hidden)
         try:
             _run_layer(layer, hidden, kwargs[i], batch_size, device, out)

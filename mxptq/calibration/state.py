@@ -79,6 +79,8 @@ def stats_tensors(stats: dict[str, LinearStats]) -> dict[str, torch.Tensor]:
         out[f"{name}::borrowed"] = torch.tensor(s.borrowed, dtype=torch.int64)
         if s.sq_sum is not None:
             out[f"{name}::sq_sum"] = _own(s.sq_sum)
+        if s.bxx is not None:
+            out[f"{name}::bxx"] = _own(s.bxx)
     return out
 
 
@@ -158,9 +160,11 @@ class CalibState:
             if "codes" in f:
                 qts[name] = QuantizedTensor(f["codes"], f["scales"], f.get("global_scale"), fmt)
             if "tokens" in f:
+                bxx = f.get("bxx")
                 stats[name] = LinearStats(int(f["in_features"]), False, int(f["tokens"]),
                                           f.get("sq_sum"), float(f["amax"]),
-                                          borrowed=int(f.get("borrowed", 0)))
+                                          borrowed=int(f.get("borrowed", 0)),
+                                          block=0 if bxx is None else bxx.shape[-1], bxx=bxx)
         return stats, qts
 
     # -- writing --------------------------------------------------------------------------

@@ -1,10 +1,13 @@
-"""Per-Linear input statistics: E[x²] per input channel, input amax and the GPTQ Hessian."""
+"""Per-Linear input statistics: E[x²] per input channel, input amax, the GPTQ Hessian and the
+block covariances E[x_b x_bᵀ] of each block of B input channels (`--importance hessian`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+
+_COV_TOKENS = 4096  # tokens per step of the block-covariance sum
 
 
 @dataclass
@@ -18,6 +21,8 @@ class LinearStats:
     sq_sum: torch.Tensor | None = None  # fp64 [K]: Σ x_k²
     amax: float = 0.0
     xtx: torch.Tensor | None = field(default=None, repr=False)  # fp32 [K, K]: Σ x xᵀ
+    block: int = 0  # B > 0: also collect the block covariances (K·B sums)
+    bxx: torch.Tensor | None = field(default=None, repr=False)  # fp64 [K/B, B, B]: Σ x_b x_bᵀ
     borrowed: int = 0  # of `tokens`, how many are pooled from sibling experts (experts.py)
 
     @property
@@ -38,6 +43,12 @@ class LinearStats:
             xf = x.float()
             xtx = xf.T @ xf
             self.xtx = xtx if self.xtx is None else self.xtx + xtx.to(self.xtx.device)
+        if self.block and self.in_features % self.block == 0:
+            xb = xd.view(-1, self.in_features // self.block, self.block)
+            for t in range(0, xb.shape[0], _COV_TOKENS):  # bounds the einsum's transposed copy
+                c = xb[t : t + _COV_TOKENS]
+                bxx = torch.einsum("tni,tnj->nij", c, c)
+                self.bxx = bxx if self.bxx is None else self.bxx + bxx.to(self.bxx.device)
         self.tokens += x.shape[0]
 
     def second_moment(self) -> torch.Tensor:
@@ -45,6 +56,16 @@ class LinearStats:
         if self.sq_sum is None:
             return torch.zeros(self.in_features)
         return (self.sq_sum / self.tokens).float()
+
+    def block_covariance(self) -> torch.Tensor:
+        """E[x_b x_bᵀ] per block of B input channels (fp32 [K/B, B, B]): the local Hessian of
+        the layer's output error restricted to one block, for `--importance hessian`."""
+        if not self.block:
+            raise ValueError("statistics were collected without block covariances")
+        b = self.block
+        if self.bxx is None:
+            return torch.zeros(self.in_features // b, b, b)
+        return (self.bxx / self.tokens).float()
 
     def hessian(self) -> torch.Tensor:
         """H = 2/n Σ x xᵀ (fp32 [K, K]), the GPTQ layer-wise Hessian."""
@@ -56,7 +77,7 @@ class LinearStats:
 
     def to(self, device: torch.device | str) -> LinearStats:
         """Move the sums (e.g. off the accelerator once a layer is done)."""
-        for name in ("sq_sum", "xtx"):
+        for name in ("sq_sum", "xtx", "bxx"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(device))
