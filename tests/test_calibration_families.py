@@ -42,7 +42,8 @@ def embeddings(model, inputs) -> torch.Tensor:
 def test_tiny_encoder_calibrates_end_to_end_from_the_cli(tmp_path):
     src = make(tmp_path / "bert", "bert")
     out = tmp_path / "q"
-    r = cli(src, out, *calib(tmp_path), "--algo", "gptq", "--importance", "--scale", "absmax")
+    r = cli(src, out, *calib(tmp_path), "--algo", "gptq", "--importance", "diag",
+            "--scale", "absmax")
     assert r.exit_code == 0, r.output
     c = json.loads((out / "mxptq_report.json").read_text())["calibration"]
     # every Linear of the 2 encoder layers gets GPTQ; the pooler is outside the layers
@@ -61,7 +62,7 @@ def test_tiny_encoder_calibrates_end_to_end_from_the_cli(tmp_path):
 
 def test_minilm_sentence_embeddings_stay_close(tmp_path):
     out = tmp_path / "q"
-    r = cli(minilm_dir(), out, *calib(tmp_path, 4, 64), "--importance", "--scale", "absmax")
+    r = cli(minilm_dir(), out, *calib(tmp_path, 4, 64), "--importance", "diag", "--scale", "absmax")
     assert r.exit_code == 0, r.output
     c = json.loads((out / "mxptq_report.json").read_text())["calibration"]
     assert c["linears"] == 36 and c["empty"] == []  # 6 layers x 6 Linears, all calibrated
@@ -91,7 +92,7 @@ def test_windows_of_an_encoder_are_framed_by_cls_and_sep(tmp_path):
 def test_a_model_whose_layers_cannot_be_found_is_refused_before_any_output(tmp_path):
     src = make(tmp_path / "t5", "t5")  # encoder-decoder: two stacks, neither named as known
     out = tmp_path / "q"
-    r = cli(src, out, *calib(tmp_path), "--importance")
+    r = cli(src, out, *calib(tmp_path), "--importance", "diag")
     assert r.exit_code == 2
     errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "T5ForConditionalGeneration" in errors[0]
@@ -101,7 +102,8 @@ def test_a_model_whose_layers_cannot_be_found_is_refused_before_any_output(tmp_p
 
 def test_calib_generate_is_refused_for_an_encoder_before_any_output(tmp_path):
     src = make(tmp_path / "bert", "bert")
-    r = cli(src, tmp_path / "q", "--calib", "generate:2", "--calib-seqlen", "8", "--importance")
+    r = cli(src, tmp_path / "q", "--calib", "generate:2", "--calib-seqlen", "8",
+            "--importance", "diag")
     assert r.exit_code == 2
     errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "causal LM" in errors[0]
@@ -170,7 +172,7 @@ def starved_moe(tmp_path):
 
 def test_starved_moe_experts_use_the_pooled_fallback_deterministically(tmp_path):
     src = starved_moe(tmp_path)
-    args = [*calib(tmp_path), "--algo", "gptq", "--importance", "--scale", "absmax"]
+    args = [*calib(tmp_path), "--algo", "gptq", "--importance", "diag", "--scale", "absmax"]
     outs = [tmp_path / "q1", tmp_path / "q2"]
     for out in outs:
         r = cli(src, out, *args)

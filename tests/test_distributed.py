@@ -163,7 +163,7 @@ def test_calibrated_gptq_on_ranks_writes_the_bytes_of_one_process(tmp_path, arch
     experts) and exchanged before the next layer."""
     src = make(tmp_path / "src", arch, shard=SHARD)
     calib = ["--calib", str(calibration_text(tmp_path / "calib.txt")), "--calib-samples", "4",
-             "--calib-seqlen", "32", "--algo", "gptq", "--importance"]
+             "--calib-seqlen", "32", "--algo", "gptq", "--importance", "diag"]
     one, many = tmp_path / "one", tmp_path / "many"
     quantize(src, one, "--device", "cpu", *calib)
     r = torchrun(ranks, "--model", str(src), "--out", str(many), *calib)
