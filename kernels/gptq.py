@@ -117,7 +117,7 @@ def _gptq_block_kernel(
 def _options(fmt: Format, cfg: SelectorConfig, lazy: bool, has_h: bool, width: int,
              hess: bool = False) -> dict:
     codec = fmt.scale
-    window = exact_window_options(fmt, cfg, "window", has_h)
+    window = exact_window_options(fmt, cfg, "pruned", has_h)
     b = fmt.block_size
     return dict(
         R=ROWS,
