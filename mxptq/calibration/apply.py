@@ -9,7 +9,7 @@ calibrated on what the quantized model computes.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -224,6 +224,19 @@ def layer_units(run: LayerRun, opts: CalibOptions,
     }
     units = [(g, sum(linears[n].weight.numel() * linears[n].in_features for n in g))
              for g in fused_groups(list(linears))]
+    for mod, in_out, _, pname, names in _expert_slices(run):
+        if include is not None and not all(n in include for n in names):
+            continue
+        shape = getattr(mod, pname).shape[1:]
+        out_f, in_f = (shape[1], shape[0]) if in_out else (shape[0], shape[1])
+        if in_f % block == 0:
+            units.append((names, out_f * in_f * in_f))
+    return units
+
+
+def _expert_slices(run: LayerRun) -> Iterator[tuple[nn.Module, bool, int, str, list[str]]]:
+    """Every fused-experts slice of the layer in quantize_layer's order: (module, in_out
+    layout, expert, parameter, the per-expert names of its rows)."""
     for name, mod in run.layer.named_modules():
         if not is_fused_experts(mod):
             continue
@@ -231,14 +244,7 @@ def layer_units(run: LayerRun, opts: CalibOptions,
         in_out = in_out_layout(mod)
         for e in range(mod.gate_up_proj.shape[0]):
             for pname, parts in EXPERT_PARAMS:
-                names = [f"{full}.{e}.{p}" for p in parts]
-                if include is not None and not all(n in include for n in names):
-                    continue
-                shape = getattr(mod, pname).shape[1:]
-                out_f, in_f = (shape[1], shape[0]) if in_out else (shape[0], shape[1])
-                if in_f % block == 0:
-                    units.append((names, out_f * in_f * in_f))
-    return units
+                yield mod, in_out, e, pname, [f"{full}.{e}.{p}" for p in parts]
 
 
 def apply_results(run: LayerRun, qts: dict[str, QuantizedTensor]) -> None:
@@ -248,20 +254,13 @@ def apply_results(run: LayerRun, qts: dict[str, QuantizedTensor]) -> None:
         full = f"{run.prefix}.{n}"
         if isinstance(m, nn.Linear) and full in qts:
             m.weight.data = dequantize(qts[full].to(m.weight.device)).to(m.weight.dtype)
-    for name, mod in run.layer.named_modules():
-        if not is_fused_experts(mod):
+    for mod, in_out, e, pname, names in _expert_slices(run):
+        if not all(n in qts for n in names):
             continue
-        full = f"{run.prefix}.{name}" if name else run.prefix
-        in_out = in_out_layout(mod)
-        for e in range(mod.gate_up_proj.shape[0]):
-            for pname, parts in EXPERT_PARAMS:
-                names = [f"{full}.{e}.{p}" for p in parts]
-                if not all(n in qts for n in names):
-                    continue
-                param = getattr(mod, pname)
-                ps = [qts[n] for n in names]
-                qt = QuantizedTensor(torch.cat([p.codes for p in ps]),
-                                     torch.cat([p.scales for p in ps]), ps[0].global_scale,
-                                     ps[0].format).to(param.device)
-                deq = dequantize(qt).to(param.dtype)
-                param.data[e] = deq.t() if in_out else deq
+        param = getattr(mod, pname)
+        ps = [qts[n] for n in names]
+        qt = QuantizedTensor(torch.cat([p.codes for p in ps]),
+                             torch.cat([p.scales for p in ps]), ps[0].global_scale,
+                             ps[0].format).to(param.device)
+        deq = dequantize(qt).to(param.dtype)
+        param.data[e] = deq.t() if in_out else deq
