@@ -344,6 +344,7 @@ def guarded(fn, *args):
     dist = distributed.from_env()
     try:
         result = fn(*args)
+        interrupts.written()  # inside the try: a Ctrl-C before it still gets its line here
     except BaseException as e:
         if isinstance(e, SystemExit) and (dist is None or not e.code):
             raise

@@ -437,3 +437,24 @@ def test_ctrl_c_during_start_up_is_one_line(src, tmp_path, delay):
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=120)[1]
     one_error(p.returncode, err, "interrupted (Ctrl-C)", exit_code=130)
+
+
+def test_ctrl_c_after_the_run_is_one_line(tmp_path):
+    """A Ctrl-C that lands after the command finished writing (while it prints its summary or
+    exits) still prints its one line and exits 130: none may reach typer, which would turn the
+    KeyboardInterrupt into a silent exit 130."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, time\n"
+        "from mxptq import interrupts\n"
+        "from mxptq.quantize_cmd import guarded\n"
+        "interrupts.start_up()\n"
+        "guarded(lambda: interrupts.writing())\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(30)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=120)
+    one_error(p.returncode, p.stderr, "interrupted (Ctrl-C)", exit_code=130)
