@@ -421,8 +421,16 @@ def test_zz_figures():
     print(json.dumps(FIGURES))
 
 
+@pytest.fixture(scope="module")
+def slow_src(tmp_path_factory) -> Path:
+    """A model whose exhaustive quantization lasts well beyond the test's delays (about 20 s on
+    a 2-core machine), so the signal cannot arrive after the run has ended."""
+    return tiny_llama(tmp_path_factory.mktemp("hostile-slow") / "src", layers=4, hidden=512,
+                      shard=None)
+
+
 @pytest.mark.parametrize("delay", [0.3, 1.5])
-def test_ctrl_c_during_start_up_is_one_line(src, tmp_path, delay):
+def test_ctrl_c_during_start_up_is_one_line(slow_src, tmp_path, delay):
     """`python -m mxptq` (the console script's entry): a Ctrl-C while torch and transformers
     import, or while the run starts, prints one line and exits 130."""
     import signal
@@ -430,9 +438,9 @@ def test_ctrl_c_during_start_up_is_one_line(src, tmp_path, delay):
     import sys
     import time
 
-    p = subprocess.Popen([sys.executable, "-m", "mxptq", "quantize", "--model", str(src),
-                          "--out", str(tmp_path / "o")], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-m", "mxptq", "quantize", "--model", str(slow_src),
+                          "--out", str(tmp_path / "o"), "--scale", "exhaustive"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(delay)
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=120)[1]
