@@ -133,6 +133,9 @@ def quantize_cmd(
     calib_seqlen: int = typer.Option(
         None, "--calib-seqlen", metavar="TOKENS", help="Tokens per calibration window, "
         "clamped to the model's context. (default: 2048)"),
+    calib_batch: int = typer.Option(
+        None, "--calib-batch", metavar="N", help="Calibration windows per forward pass (the "
+        "unit of work each rank takes under torchrun or --gpus). (default: 8)"),
     seed: int = typer.Option(
         None, "--seed", metavar="N", help="Seed of the window starts (or of --calib generate's "
         "sampling); same seed, same bytes. (default: 0)"),
@@ -202,6 +205,7 @@ def quantize_cmd(
         "quantize-lm-head": quantize_lm_head, "device": device,
         "fused-set": list(fused_set or []),
         "calib": calib, "calib-samples": calib_samples, "calib-seqlen": calib_seqlen,
+        "calib-batch": calib_batch,
         "seed": seed, "importance": importance, "global-search": global_search, "algo": algo,
         "gptq-scales": gptq_scales,
         "damp": damp, "act-order": act_order, "scheme": scheme,

@@ -140,7 +140,8 @@ def run_calibration(plan: Plan, opts: dict, run: CalibRun, dist: Dist | None = N
     minute, and on Ctrl-C) the hidden states entering the next layer are saved in the partial
     folder; with --resume a saved state of the same run is continued.
 
-    With `dist`, every rank runs the layers on all windows (the same statistics everywhere),
+    With `dist`, each layer's batches of windows are spread over the ranks and every rank ends
+    the layer with all outputs and the statistics one process makes (calibration/parallel.py);
     GPTQ of each layer is split over the ranks by fused set and expert, and the results are
     exchanged before the next layer runs; rank 0 alone writes the saved state."""
     from transformers import AutoConfig
@@ -154,6 +155,7 @@ def run_calibration(plan: Plan, opts: dict, run: CalibRun, dist: Dist | None = N
         model_names,
         quantize_layer,
     )
+    from .calibration.parallel import Group
     from .calibration.state import CalibState
 
     t0 = time.perf_counter()
@@ -221,7 +223,8 @@ def run_calibration(plan: Plan, opts: dict, run: CalibRun, dist: Dist | None = N
             task = bar.add_task("c", total=n_layers, completed=done)
             try:
                 calibrate(plan.model_dir, ids, device=device, hessian=gptq,
-                          blocks=copts.covariance_block,
+                          blocks=copts.covariance_block, batch_size=int(opts["calib-batch"]),
+                          group=None if dist is None else Group(dist.rank, dist.world),
                           on_layer=on_layer, sequential=gptq, keep_stats=False, start=done,
                           hidden=hidden, on_boundary=on_boundary,
                           on_progress=lambda k, n: bar.update(task, completed=k))

@@ -40,8 +40,8 @@ from .recipes import load_recipe, merge
 from .scales import SELECTORS
 from .source import resolve_model, side_files
 
-CALIB_KEYS = ("calib", "calib-samples", "calib-seqlen", "seed", "importance", "algo",
-              "gptq-scales", "damp", "act-order", "scheme")
+CALIB_KEYS = ("calib", "calib-samples", "calib-seqlen", "calib-batch", "seed", "importance",
+              "algo", "gptq-scales", "damp", "act-order", "scheme")
 _CHOICES = {"algo": ("rtn", "gptq"), "gptq-scales": ("lazy", "static"),
             "scheme": ("w4a16", "w4a4"), "importance": ("none", "diag", "hessian")}
 
@@ -110,8 +110,10 @@ def check_calibration(opts: dict) -> None:
         raise MxptqError(f"--calib {opts['calib']}: expected generate or generate:N (N windows)")
     if n is not None:  # generate:N sets the number of windows
         opts["calib-samples"] = n
-    if int(opts["calib-samples"]) < 1 or int(opts["calib-seqlen"]) < 2:
-        raise MxptqError("--calib-samples must be at least 1 and --calib-seqlen at least 2")
+    if int(opts["calib-samples"]) < 1 or int(opts["calib-seqlen"]) < 2 \
+            or int(opts["calib-batch"]) < 1:
+        raise MxptqError("--calib-samples and --calib-batch must be at least 1 and "
+                         "--calib-seqlen at least 2")
     if not float(opts["damp"]) > 0:
         raise MxptqError(f"--damp {opts['damp']}: must be positive")
     if opts["scheme"] == "w4a4":

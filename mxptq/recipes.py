@@ -25,6 +25,7 @@ DEFAULTS: dict = {
     "calib": None,
     "calib-samples": 128,
     "calib-seqlen": 2048,
+    "calib-batch": 8,  # windows per forward pass
     "seed": 0,
     "importance": "none",  # none | diag | hessian
     "algo": "rtn",

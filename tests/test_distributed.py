@@ -1,7 +1,7 @@
 """Quantization over several processes (torchrun, gloo on the CPU) writes every byte a single
-process writes, weight-only and with calibration (GPTQ + importance, GPTQ split over the ranks);
-a failure in one rank stops them all with one error line; a run interrupted on N ranks resumes
-on M."""
+process writes, weight-only and with calibration (batches of windows and GPTQ split over the
+ranks, GPTQ + importance); a failure in one rank stops them all with one error line; a run
+interrupted on N ranks resumes on M."""
 
 import json
 import os
@@ -157,13 +157,17 @@ def test_gpus_without_cuda_is_one_error_line(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch,ranks", [("qwen3_moe", 2), ("llama", 3)])
-def test_calibrated_gptq_on_ranks_writes_the_bytes_of_one_process(tmp_path, arch, ranks):
-    """Every rank runs the layers; GPTQ of each layer is split over the ranks (fused sets,
-    experts) and exchanged before the next layer."""
+@pytest.mark.parametrize("arch,ranks,importance", [("qwen3_moe", 2, "diag"),
+                                                   ("llama", 3, "hessian")])
+def test_calibrated_gptq_on_ranks_writes_the_bytes_of_one_process(tmp_path, arch, ranks,
+                                                                  importance):
+    """The batches of windows are spread over the ranks (5 windows, 2 per batch: uneven
+    rounds), statistics and outputs exchanged; GPTQ of each layer is split over the ranks
+    (fused sets, experts) and exchanged before the next layer."""
     src = make(tmp_path / "src", arch, shard=SHARD)
-    calib = ["--calib", str(calibration_text(tmp_path / "calib.txt")), "--calib-samples", "4",
-             "--calib-seqlen", "32", "--algo", "gptq", "--importance", "diag"]
+    calib = ["--calib", str(calibration_text(tmp_path / "calib.txt")), "--calib-samples", "5",
+             "--calib-batch", "2", "--calib-seqlen", "32", "--algo", "gptq",
+             "--importance", importance]
     one, many = tmp_path / "one", tmp_path / "many"
     quantize(src, one, "--device", "cpu", *calib)
     r = torchrun(ranks, "--model", str(src), "--out", str(many), *calib)

@@ -15,7 +15,7 @@ For 1 GPU and for each count in --counts (the first N GPUs of --gpus), in one ru
   1. weight-only: `mxptq quantize --scale search` (N > 1 through `--gpus`), wall time from
      outside and the report's own total;
   2. calibration + GPTQ (unless --no-calib): the same with `--calib TEXT --algo gptq
-     --importance` (every rank runs the layers; GPTQ and the streaming are split);
+     --importance` (batches of windows, GPTQ and the streaming are split over the ranks);
   3. the I/O floor for N processes: each reads the input shards `--gpus` would give its rank
      (mxptq.distributed.assign, by bytes) and writes the output's bytes of them with
      safetensors alone, all N at once (wall time including their start-up);

@@ -23,6 +23,7 @@ from torch import nn
 from .experts import pool_starved_experts
 from .hooks import attach_stat_hooks
 from .layers import is_causal, transformer_layers
+from .parallel import Group, merge_batch, run_spread
 from .stats import LinearStats
 from .weights import WeightStore, open_model
 
@@ -124,14 +125,35 @@ def _capture_inputs(
     return torch.cat(hidden), kwargs
 
 
-def _run_layer(layer, hidden, kwargs, batch: int, device, out: torch.Tensor | None):
-    """Forward every batch through one layer; writes outputs into `out` when given."""
-    with torch.no_grad():
-        for j, b in enumerate(range(0, hidden.shape[0], batch)):
+def _run_layer(layer, hidden, kwargs, batch: int, device, out: torch.Tensor | None,
+               stats: dict[str, LinearStats] | None = None, group: Group | None = None
+               ) -> dict[str, LinearStats] | None:
+    """Forward every batch through one layer (with `group`, this rank's share, the others'
+    outputs received); writes outputs into `out` when given. With `stats` (what the layer's
+    hooks add to), returns the totals: each batch's sums merged in batch order."""
+    starts = range(0, hidden.shape[0], batch)
+    units = list({id(s): s for s in (stats or {}).values()}.values())  # gate/up share one
+    totals = [u.empty_like() for u in units]
+
+    def forward(j: int) -> None:
+        b = starts[j]
+        with torch.no_grad():
             args, kw = _to(kwargs[j], device)
             y = layer(hidden[b : b + batch].to(device), *args, **kw)
             if out is not None:
                 out[b : b + batch] = (y[0] if isinstance(y, tuple) else y).to(out.device)
+
+    if group is None:
+        for j in range(len(starts)):
+            forward(j)
+            merge_batch(units, totals)
+    else:
+        rows = None if out is None else (lambda j: out[starts[j] : starts[j] + batch])
+        run_spread(len(starts), forward, group, rows, units, totals, device)
+    if stats is None:
+        return None
+    by_id = {id(u): t for u, t in zip(units, totals, strict=True)}
+    return {k: by_id[id(s)] for k, s in stats.items()}
 
 
 def _fits_on_device(device: torch.device, nbytes: int) -> bool:
@@ -158,6 +180,7 @@ def calibrate(
     on_boundary: Callable[[int, torch.Tensor], None] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     min_expert_tokens: int | None = None,
+    group: Group | None = None,
 ) -> CalibrationResult:
     """Collect per-Linear input statistics, one transformer layer at a time.
 
@@ -178,6 +201,10 @@ def calibrate(
     MoE experts that saw fewer than `min_expert_tokens` tokens (default: their input width)
     have their statistics completed from their sibling experts' (`experts.py`) before
     `on_layer` sees them; 0 turns that off.
+
+    With `group` (torch.distributed initialised), the batches are spread over its ranks
+    (`parallel.py`): each runs its share, and every rank ends each layer with every output and
+    the statistics one process would have, bit for bit. Every rank must make the same call.
     """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -208,7 +235,7 @@ def calibrate(
         stats, handles = attach_stat_hooks(layer, name, hessian, blocks)
         out = torch.empty_like(hidden)
         try:
-            _run_layer(layer, hidden, kwargs[i], batch_size, device, out)
+            stats = _run_layer(layer, hidden, kwargs[i], batch_size, device, out, stats, group)
         finally:
             for h in handles:
                 h.remove()
@@ -217,7 +244,7 @@ def calibrate(
         if on_layer is not None:
             on_layer(LayerRun(i, name, layer, stats))
             if sequential:
-                _run_layer(layer, hidden, kwargs[i], batch_size, device, out)
+                _run_layer(layer, hidden, kwargs[i], batch_size, device, out, group=group)
         if keep_stats:
             result.stats.update({k: s.to("cpu") for k, s in stats.items()})
         store.release(name, layer)

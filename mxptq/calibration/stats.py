@@ -12,8 +12,9 @@ _COV_TOKENS = 4096  # tokens per step of the block-covariance sum
 
 @dataclass
 class LinearStats:
-    """Running sums over the tokens a Linear saw. Sums are fp64 (E[x²]) and fp32 (Hessian), so
-    that adding batches in any order gives the same statistics up to float tolerance."""
+    """Running sums over the tokens a Linear saw: fp64 (E[x²], block covariances) and fp32
+    (Hessian). Batches are added in a fixed order (`take`, `merge`), so the sums are the same
+    bits however many processes ran the batches."""
 
     in_features: int
     with_hessian: bool = False
@@ -50,6 +51,30 @@ class LinearStats:
                 bxx = torch.einsum("tni,tnj->nij", c, c)
                 self.bxx = bxx if self.bxx is None else self.bxx + bxx.to(self.bxx.device)
         self.tokens += x.shape[0]
+
+    def take(self) -> LinearStats:
+        """What was added since the last take, as statistics of its own; these sums restart
+        empty. Calibration sums one forward batch at a time through take and `merge`, so the
+        totals are the same sums in the same order whichever process ran each batch."""
+        part = LinearStats(self.in_features, self.with_hessian, self.tokens, self.sq_sum,
+                           self.amax, self.xtx, self.block, self.bxx)
+        self.tokens, self.sq_sum, self.amax, self.xtx, self.bxx = 0, None, 0.0, None, None
+        return part
+
+    def merge(self, part: LinearStats) -> None:
+        """Add the sums of `part` (one batch's, from `take`)."""
+        if part.tokens == 0:
+            return
+        for name in ("sq_sum", "xtx", "bxx"):
+            mine, theirs = getattr(self, name), getattr(part, name)
+            if theirs is not None:
+                setattr(self, name, theirs if mine is None else mine + theirs.to(mine.device))
+        self.amax = max(self.amax, part.amax)
+        self.tokens += part.tokens
+
+    def empty_like(self) -> LinearStats:
+        """Statistics of the same shape and kind, with nothing added."""
+        return LinearStats(self.in_features, self.with_hessian, block=self.block)
 
     def second_moment(self) -> torch.Tensor:
         """E[x_k²] (fp32 [K]): the per-channel importance for weighted scale selection."""
