@@ -210,3 +210,30 @@ def test_progress_of_all_ranks_reaches_rank_0_and_a_failure_stops_the_others():
     with pytest.raises(PeerFailed, match="bad tensor"):
         time.sleep(0.25)
         t0(1, 1)
+
+
+@pytest.mark.slow
+def test_calibration_interrupted_in_one_process_resumes_on_two_ranks(tmp_path, monkeypatch):
+    """The saved calibration state is one process's (every rank holds every output), so a run
+    stopped after layer 0 in one process continues on 2 ranks to the same bytes."""
+    from typer.testing import CliRunner
+
+    from mxptq.calibration.state import STOP_ENV
+    from mxptq.cli import app
+
+    src = make(tmp_path / "src", "qwen3_moe", shard=SHARD)
+    calib = ["--calib", str(calibration_text(tmp_path / "calib.txt")), "--calib-samples", "5",
+             "--calib-batch", "2", "--calib-seqlen", "32", "--algo", "gptq",
+             "--importance", "hessian"]
+    one, out = tmp_path / "one", tmp_path / "out"
+    quantize(src, one, "--device", "cpu", *calib)
+    monkeypatch.setenv(STOP_ENV, "1")
+    r = CliRunner().invoke(app, ["quantize", "--device", "cpu", "--model", str(src), "--out",
+                                 str(out), *calib])
+    assert r.exit_code == 2 and "--resume" in r.stderr, r.stderr
+    monkeypatch.delenv(STOP_ENV)
+    r = torchrun(2, "--model", str(src), "--out", str(out), *calib, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert checkpoint_bytes(out) == checkpoint_bytes(one)
+    assert json.loads((out / "mxptq_report.json").read_text())["calibration"][
+        "resumed_at_layer"] == 1
