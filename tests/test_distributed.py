@@ -237,3 +237,19 @@ def test_calibration_interrupted_in_one_process_resumes_on_two_ranks(tmp_path, m
     assert checkpoint_bytes(out) == checkpoint_bytes(one)
     assert json.loads((out / "mxptq_report.json").read_text())["calibration"][
         "resumed_at_layer"] == 1
+
+
+@pytest.mark.slow
+def test_distributed_benchmark_runs_at_cpu_sizes(tmp_path):
+    """`python -m mxptq.bench.distributed --tiny --counts 2`: both process counts write the
+    same bytes, weight-only and with calibration + GPTQ + hessian, and the floor is measured."""
+    res = tmp_path / "d.json"
+    p = subprocess.run([sys.executable, "-m", "mxptq.bench.distributed", "--tiny", "--counts",
+                        "2", "--dir", str(tmp_path / "w"), "--json-out", str(res)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = json.loads(res.read_text())
+    assert [r["processes"] for r in d["runs"]] == [1, 2]
+    assert d["calibration"]["importance"] == "hessian" and d["calibration"]["batch"] == 2
+    for r in d["runs"]:
+        assert r["weight_identical"] and r["calib_identical"] and r["io_floor_s"] > 0

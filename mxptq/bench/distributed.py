@@ -15,7 +15,8 @@ For 1 GPU and for each count in --counts (the first N GPUs of --gpus), in one ru
   1. weight-only: `mxptq quantize --scale search` (N > 1 through `--gpus`), wall time from
      outside and the report's own total;
   2. calibration + GPTQ (unless --no-calib): the same with `--calib TEXT --algo gptq
-     --importance` (batches of windows, GPTQ and the streaming are split over the ranks);
+     --importance hessian` (batches of windows, GPTQ and the streaming are split over the
+     ranks);
   3. the I/O floor for N processes: each reads the input shards `--gpus` would give its rank
      (mxptq.distributed.assign, by bytes) and writes the output's bytes of them with
      safetensors alone, all N at once (wall time including their start-up);
@@ -149,6 +150,9 @@ def main() -> None:
                     help="process counts besides 1, each the first N of --gpus (default: all "
                     "of --gpus when it names more than one)")
     ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-batch", type=int, default=4,
+                    help="windows per batch, the unit the ranks split (default 4)")
+    ap.add_argument("--importance", default="hessian", choices=("diag", "hessian"))
     ap.add_argument("--calib-seqlen", type=int, default=2048)
     ap.add_argument("--no-calib", action="store_true", help="weight-only runs alone")
     ap.add_argument("--tiny", action="store_true", help="CPU-test sizes (logic check, gloo)")
@@ -169,10 +173,11 @@ def main() -> None:
         sys.exit(f"--counts {a.counts}: each must be between 2 and the {len(gpus)} of --gpus")
     if a.tiny:
         c = dict(TINY["llama-8b"], layers=a.layers or 2)
-        shard_gib, samples, seqlen = 0.0004, 4, 64
+        shard_gib, samples, seqlen, batch = 0.0004, 8, 64, 2
     else:
         c = dict(MODELS[a.model], layers=a.layers or 32)
         shard_gib, samples, seqlen = a.shard_gib, a.calib_samples, a.calib_seqlen
+        batch = a.calib_batch
     words = min(WORDS, c["vocab"] - 3)
     a.dir.mkdir(parents=True, exist_ok=True)
     src, out, floor_dir = a.dir / f"{a.model}-src", a.dir / "out", a.dir / "floor"
@@ -188,7 +193,8 @@ def main() -> None:
     shutil.rmtree(cache, ignore_errors=True)
     env = dict(os.environ, MXPTQ_CACHE_DIR=str(cache))
     calib = ["--calib", str(text), "--calib-samples", str(samples), "--calib-seqlen",
-             str(seqlen), "--algo", "gptq", "--importance"]
+             str(seqlen), "--calib-batch", str(batch), "--algo", "gptq", "--importance",
+             a.importance]
     subprocess.run([sys.executable, "-m", "mxptq", "quantize", "--model", str(src), "--out",
                     str(out), "--dry-run"], check=True, env=env, capture_output=True)
 
@@ -230,7 +236,8 @@ def main() -> None:
         "layers": c["layers"], "shards": len(in_sizes),
         "largest_shard_gib": max(in_sizes.values()) / GIB,
         "input_gib": sum(in_sizes.values()) / GIB, "output_gib": sum(out_sizes.values()) / GIB,
-        "calibration": None if a.no_calib else {"samples": samples, "seqlen": seqlen},
+        "calibration": None if a.no_calib else {"samples": samples, "seqlen": seqlen,
+                                                "batch": batch, "importance": a.importance},
         "generate_s": gen_s, "runs": rows, "versions": rep["versions"],
     }
     print(json.dumps(res, indent=2))
