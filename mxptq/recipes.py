@@ -54,8 +54,26 @@ def load_recipe(path: Path) -> dict:
             raise MxptqError(f"--recipe {path}: unknown key {k!r} (known: {', '.join(KEYS)})")
         if key in ("ignore", "fused-set") and isinstance(v, str):
             v = [v]
+        _check_type(path, k, key, v)
         out[key] = v
     return out
+
+
+def _check_type(path: Path, k, key: str, v) -> None:
+    """Numbers and switches must be what the flag takes (a string there would fail deep in
+    the run); the type is the default's (block-size: an integer or null)."""
+    d = DEFAULTS[key]
+    if isinstance(d, bool):
+        ok, what = isinstance(v, bool), "true or false"
+    elif isinstance(d, int) or key == "block-size":
+        ok = (isinstance(v, int) and not isinstance(v, bool)) or (v is None and d is None)
+        what = "an integer"
+    elif isinstance(d, float):
+        ok, what = isinstance(v, int | float) and not isinstance(v, bool), "a number"
+    else:
+        return
+    if not ok:
+        raise MxptqError(f"--recipe {path}: {k} must be {what}, got {v!r}")
 
 
 def merge(recipe: dict, cli: dict) -> dict:

@@ -344,7 +344,13 @@ def test_bad_ignore_regex_and_recipe_types(model, tmp_path):
     recipe.write_text("ignore: {a: 1}\n")
     code, err, _ = _run(model, tmp_path / "o", "--recipe", recipe)
     one_error(code, err, "--ignore: expected a list")
-    FIGURES["quantize"] += 2
+    for text, needle in (('calib-batch: "x"\n', "calib-batch must be an integer"),
+                         ("damp: true\n", "damp must be a number"),
+                         ("act-order: 1\n", "act-order must be true or false")):
+        recipe.write_text(text)
+        code, err, _ = _run(model, tmp_path / "o", "--recipe", recipe)
+        one_error(code, err, needle)
+    FIGURES["quantize"] += 5
 
 
 def test_huge_weight_keeps_the_report_strict_json(model, tmp_path):

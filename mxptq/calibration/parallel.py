@@ -46,11 +46,11 @@ def run_spread(n_batches: int, forward: Callable[[int], None], group: Group,
         if mine:
             forward(t + group.rank)
         parts = [u.take() for u in units] if mine else []
-        for r in range(min(w, n_batches - t)):
-            if rows is not None:
-                tdist.broadcast(rows(t + r), src=r)
+        ranks = min(w, n_batches - t)  # the last round may be short
+        for r in range(ranks if rows is not None else 0):
+            tdist.broadcast(rows(t + r), src=r)
         if units:
-            _exchange(parts, units, totals, group, min(w, n_batches - t), device)
+            _exchange(parts, units, totals, group, ranks, device)
 
 
 def _sizes(unit: LinearStats) -> tuple[int, int, int]:
@@ -84,20 +84,18 @@ def _send(parts: list[LinearStats], src: int) -> None:
 def _receive(manifest: list[tuple[int, float]], units: list[LinearStats], src: int,
              device: torch.device) -> list[LinearStats]:
     """Rank `src`'s batch statistics, rebuilt from its manifest and buffers."""
-    n64 = sum(sq + bxx for (tok, _), u in zip(manifest, units, strict=True) if tok
-              for sq, bxx, _ in [_sizes(u)])
-    n32 = sum(_sizes(u)[2] for (tok, _), u in zip(manifest, units, strict=True) if tok)
-    f64 = torch.empty(n64, dtype=torch.float64, device=device)
-    f32 = torch.empty(n32, dtype=torch.float32, device=device)
+    sizes = [_sizes(u) if tok else (0, 0, 0)
+             for (tok, _), u in zip(manifest, units, strict=True)]
+    f64 = torch.empty(sum(sq + bxx for sq, bxx, _ in sizes), dtype=torch.float64, device=device)
+    f32 = torch.empty(sum(xtx for *_, xtx in sizes), dtype=torch.float32, device=device)
     for flat in (f64, f32):
         if flat.numel():
             tdist.broadcast(flat, src=src)
     out, o64, o32 = [], 0, 0
-    for (tok, amax), u in zip(manifest, units, strict=True):
+    for (tok, amax), u, (sq, bxx, xtx) in zip(manifest, units, sizes, strict=True):
         part = u.empty_like()
         if tok:
             k = u.in_features
-            sq, bxx, xtx = _sizes(u)
             part.tokens, part.amax = tok, amax
             part.sq_sum = f64[o64 : o64 + sq]
             if bxx:
