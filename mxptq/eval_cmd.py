@@ -1,7 +1,7 @@
 """`mxptq eval`: perplexity of an original and (optionally) a quantized checkpoint on the same
 text, and the KL divergence of the quantized model's next-token distributions from the
 original's; a W4A4 checkpoint's activation quantization is emulated as served
-(eval_activations.py); optionally with NVFP4 attention emulated in the evaluated model.
+(runtime/activations.py); optionally with NVFP4 attention emulated in the evaluated model.
 Register with `app.command("eval")(eval_command)`."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ console = Console(stderr=True, soft_wrap=True)
 TEXT_SUFFIXES = (".txt", ".raw", ".jsonl", ".parquet", ".json")
 
 
-def load_causal_lm(path: str, what: str):
+def load_causal_lm(path: str, what: str, emulate_activations: bool = False):
     """A causal LM in float32 on CPU, in eval mode; one clear line if it cannot be loaded.
     A quantized checkpoint (any dialect we write) goes through mxptq's loader, so the model
     computes with exactly its bytes; transformers' compressed-tensors path would decompress to
@@ -35,9 +35,11 @@ def load_causal_lm(path: str, what: str):
     try:
         config = AutoConfig.from_pretrained(path)
         if getattr(config, "quantization_config", None) is not None:
-            model = load(path, dtype=torch.float32)
+            model = load(path, dtype=torch.float32, emulate_activations=emulate_activations)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except MxptqError:
+        raise
     except Exception as e:
         raise MxptqError(
             f"{what} {path!r} could not be loaded as a causal LM ({type(e).__name__}: "
@@ -126,16 +128,12 @@ def run_eval(
         raise MxptqError(f"--model {model}: {e}") from None
     if not prep.seqs:
         raise MxptqError(f"--data {data}: no text to score")
+    test, acts = None, None
     if quantized:
         check_quantized(quantized)
-    test = load_causal_lm(quantized, "--quantized") if quantized else None
-    acts = None
-    if quantized:
-        from .eval_activations import attach_input_quant, read_input_quant
-
-        iq = read_input_quant(quantized)
+        test = load_causal_lm(quantized, "--quantized", emulate_activations=True)
+        iq = getattr(test, "mxptq_input_quant", None)
         if iq is not None:
-            attach_input_quant(test, iq)
             acts = iq.describe()
             console.print(f"note: {acts}", markup=False, highlight=False)
     ref = load_causal_lm(src, "--model")

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from mxptq import dequantize
 from mxptq.checkpoint import read_checkpoint
 from mxptq.cli import app
-from mxptq.eval_activations import fake_quantize_nvfp4_input, round_e2m1
 from mxptq.evaluate import perplexity
+from mxptq.runtime.activations import fake_quantize_nvfp4_input, round_e2m1
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ARGS = ["--ctx", "64", "--max-seqs", "3", "--json"]
@@ -93,8 +93,8 @@ def test_w4a4_scores_as_served_not_as_its_w4a16_twin(tmp_path):
 def test_packed_moe_experts_quantize_each_experts_input_with_its_own_scale(tmp_path):
     from tiny_models import calibration_text, make
 
-    from mxptq.eval_activations import attach_input_quant, read_input_quant
     from mxptq.runtime import load
+    from mxptq.runtime.activations import attach_input_quant, read_input_quant
     from mxptq.runtime.experts import PackedExperts
 
     src, out = make(tmp_path / "moe", "qwen3_moe"), tmp_path / "q"
@@ -137,3 +137,28 @@ def test_calibration_fake_quant_is_the_served_quantization():
     amax = float(x.abs().max()) * 0.9
     gs = global_encode_scale(torch.tensor(amax), 448.0)
     assert torch.equal(fake_quantize_activation(x, amax), fake_quantize_nvfp4_input(x, gs))
+
+
+@pytest.mark.parametrize("dialect", ["compressed-tensors", "modelopt"])
+def test_load_of_w4a4_ignores_its_activation_scales_or_emulates_them(tmp_path, dialect):
+    """mxptq.load: no UNEXPECTED keys for the activation scales, a warning that activations are
+    not quantized, and with emulate_activations=True the served input quantization."""
+    from mxptq.runtime import load
+
+    calib = ["--calib", str(english_text()), "--calib-samples", "4", "--calib-seqlen", "64"]
+    w16, w4 = tmp_path / "w16", tmp_path / "w4"
+    quantize(tiny_llama_dir(), w16, "--scale", "absmax", "--dialect", dialect)
+    quantize(tiny_llama_dir(), w4, "--scale", "absmax", "--scheme", "w4a4", *calib,
+             "--dialect", dialect)
+    ids = torch.tensor([[1, 403, 407, 261, 378, 280, 400, 290]])
+    with pytest.warns(UserWarning, match="declares W4A4 activations"):
+        plain, info = load(w4, dtype=torch.float32, output_loading_info=True)
+    assert not info["unexpected_keys"], sorted(info["unexpected_keys"])[:3]
+    assert getattr(plain, "mxptq_input_quant", None) is None
+    twin = load(w16, dtype=torch.float32)
+    emu = load(w4, dtype=torch.float32, emulate_activations=True)
+    assert len(emu.mxptq_input_quant.scales) == 30
+    with torch.no_grad():
+        a, b, c = (m.eval()(ids).logits for m in (plain, twin, emu))
+    assert torch.equal(a, b)  # the same weight bytes, activations left alone
+    assert not torch.allclose(a, c)  # emulated inputs change the result

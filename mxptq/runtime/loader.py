@@ -11,6 +11,7 @@ transformers' own loader (it decompresses to dense) unless the caller opts in wi
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -245,6 +246,7 @@ class PackedHfQuantizer(HfQuantizer):
             )
         refuse(partner_problems(linears, swapped_names),
                getattr(getattr(model, "config", None), "name_or_path", "the checkpoint"))
+        _ignore_activation_scales(model, self.quantization_config.checkpoint)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -270,6 +272,19 @@ class PackedHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True  # packed layers are custom operators: generate() may compile the model
+
+
+def _ignore_activation_scales(model: nn.Module, qc: dict) -> None:
+    """A W4A4 checkpoint's activation scales have no parameter to load into (`load` emulates
+    them from the files when asked); tell transformers so, instead of its UNEXPECTED report
+    (the way transformers' own quantizer_gemma.py silences keys it handles itself)."""
+    from .activations import declared_activations
+
+    specs = dialect_of_config(qc).input_specs("M") if declared_activations(qc) else {}
+    if specs:
+        ignored = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+        model._keys_to_ignore_on_load_unexpected = ignored | {
+            re.escape(name[len("M"):]) + "$" for name in specs}
 
 
 def _register() -> None:
@@ -330,12 +345,17 @@ def load(
     path: str | Path,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str = "auto",
+    emulate_activations: bool = False,
     **kwargs,
 ) -> nn.Module:
     """Load a checkpoint mxptq wrote, any dialect, with its quantized layers as PackedLinear.
 
     AutoModelForCausalLM when config.json's architectures name a causal LM, else AutoModel.
     `device` goes to `device_map` ("auto", "cpu", "cuda:0", ...); `kwargs` to from_pretrained.
+    A W4A4 checkpoint computes with unquantized activations (as Hopper's W4A16 kernels serve
+    it; a warning says so) unless `emulate_activations`: then every declared input is
+    quantized as FP4 hardware does (runtime/activations.py), and `model.mxptq_input_quant`
+    holds what was emulated.
     """
     from transformers import AutoModel, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -353,4 +373,24 @@ def load(
     if missing:  # transformers would leave them randomly initialised
         raise MxptqError(f"{path}: {len(missing)} weights the model needs are missing from the "
                          f"checkpoint or do not fit it (e.g. {missing[0]}); it is incomplete")
+    qc = config.quantization_config  # our dict, or the PackedConfig transformers built from it
+    qc = qc["checkpoint"] if isinstance(qc, dict) else qc.checkpoint
+    _activations(model, path, qc, emulate_activations)
     return (model, info) if want_info else model
+
+
+def _activations(model: nn.Module, path: str | Path, qc: dict, emulate: bool) -> None:
+    """Emulate the W4A4 activations `qc` declares, or warn that they are not quantized."""
+    from .activations import attach_input_quant, declared_activations, read_input_quant
+
+    if not declared_activations(qc):
+        return
+    if not emulate:
+        warnings.warn(f"{path}: the checkpoint declares W4A4 activations; this model computes "
+                      "with unquantized activations, as Hopper's W4A16 kernels serve it "
+                      "(load(..., emulate_activations=True) quantizes them as FP4 hardware "
+                      "does)", stacklevel=3)
+        return
+    iq = read_input_quant(path)
+    attach_input_quant(model, iq)
+    model.mxptq_input_quant = iq

@@ -1,5 +1,6 @@
-"""W4A4 in `mxptq eval`: the activation quantization a checkpoint declares, emulated on its
-Linears' inputs as the serving engines run it.
+"""W4A4 activations: the activation quantization a checkpoint declares, emulated on its Linears'
+inputs as the serving engines run it on FP4 hardware (`mxptq eval` always; `mxptq.load` when
+asked, since Hopper's engines serve such a checkpoint as W4A16).
 
 A compressed-tensors NVFP4 (W4A4) checkpoint declares `input_activations` (4-bit float,
 `strategy: tensor_group`, `group_size: 16`, `dynamic: "local"`) and stores one static
@@ -26,7 +27,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .errors import MxptqError
+from ..errors import MxptqError
 
 BLOCK = 16
 E4M3_MAX = 448.0
@@ -76,29 +77,32 @@ class InputQuant:
                 "scales, E2M1 rounding")
 
 
-def _declared(qc: dict) -> list[dict]:
+def declared_activations(qc: dict) -> list[dict]:
+    """The `input_activations` a quantization_config declares (none: weight-only)."""
     return [g["input_activations"] for g in (qc.get("config_groups") or {}).values()
             if isinstance(g, dict) and g.get("input_activations")]
 
 
-def read_input_quant(path: str | Path) -> InputQuant | None:
+def read_input_quant(path: str | Path, what: str | None = None) -> InputQuant | None:
     """The activation quantization `path`'s config.json declares, with each Linear's stored
-    global scale; None for a weight-only checkpoint. Refuses what cannot be emulated."""
-    from .checkpoint.dialects import dialect_of_config
+    global scale; None for a weight-only checkpoint. Refuses what cannot be emulated, naming
+    the checkpoint as `what` (default: its path)."""
+    what = what or str(path)
+    from ..checkpoint.dialects import dialect_of_config
 
     folder = Path(path)
     qc = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
-    declared = _declared(qc)
+    declared = declared_activations(qc)
     if not declared:
         return None
     for args in declared:
         if (args.get("type"), args.get("num_bits"), args.get("group_size")) != ("float", 4, 16):
-            raise MxptqError(f"--quantized {path}: it declares input activations {args}; eval "
+            raise MxptqError(f"{what}: it declares input activations {args}; mxptq "
                              "emulates NVFP4 activations (4-bit float, group 16) only")
     dialect = dialect_of_config(qc)
     specs = dialect.input_specs("M")
     if not specs:
-        raise MxptqError(f"--quantized {path}: it declares input activations, but its dialect "
+        raise MxptqError(f"{what}: it declares input activations, but its dialect "
                          f"{dialect.name} stores no activation scales")
     suffix = next(iter(specs))[len("M"):]
     scales = {}
@@ -109,11 +113,11 @@ def read_input_quant(path: str | Path) -> InputQuant | None:
                     v = f.get_tensor(key).float().reshape(())
                     scales[key[: -len(suffix)]] = 1.0 / v if dialect.global_is_decode else v
     if not scales:
-        raise MxptqError(f"--quantized {path}: it declares input activations but stores no "
+        raise MxptqError(f"{what}: it declares input activations but stores no "
                          f"{suffix[1:]} tensor; it is incomplete")
     bad = [m for m, g in scales.items() if not (torch.isfinite(g) and g > 0)]
     if bad:
-        raise MxptqError(f"--quantized {path}: {bad[0]}{suffix} is {float(scales[bad[0]])}, not "
+        raise MxptqError(f"{what}: {bad[0]}{suffix} is {float(scales[bad[0]])}, not "
                          "a positive finite global scale")
     return InputQuant(scales, suffix[1:])
 
@@ -136,8 +140,8 @@ def attach_input_quant(model: nn.Module, iq: InputQuant) -> int:
     with its own g, the larger of gate's and up's as the engines fuse them, and its down
     input with down's), in place; returns how many Linears. A name the model has nothing of
     is refused: leaving it out would score its input as W4A16."""
-    from .runtime.experts import PackedExperts
-    from .runtime.linear import PackedLinear
+    from .experts import PackedExperts
+    from .linear import PackedLinear
 
     mods = dict(model.named_modules())
     prefix = getattr(model, "base_model_prefix", "")
@@ -159,7 +163,7 @@ def attach_input_quant(model: nn.Module, iq: InputQuant) -> int:
             raise MxptqError(
                 f"{name}: the checkpoint stores its activation scale, but the loaded model has "
                 f"no Linear or packed expert of that name "
-                f"({type(mod).__name__ if mod is not None else 'none'}); eval cannot emulate it")
+                f"({type(mod).__name__ if mod is not None else 'none'}); mxptq cannot emulate it")
         key = (int(m[2]), _WHICH[m[3]])
         gs = experts.setdefault(id(pe), (pe, {}))[1]
         gs[key] = torch.maximum(gs[key], g) if key in gs else g
