@@ -83,11 +83,9 @@ def declared_activations(qc: dict) -> list[dict]:
             if isinstance(g, dict) and g.get("input_activations")]
 
 
-def read_input_quant(path: str | Path, what: str | None = None) -> InputQuant | None:
+def read_input_quant(path: str | Path) -> InputQuant | None:
     """The activation quantization `path`'s config.json declares, with each Linear's stored
-    global scale; None for a weight-only checkpoint. Refuses what cannot be emulated, naming
-    the checkpoint as `what` (default: its path)."""
-    what = what or str(path)
+    global scale; None for a weight-only checkpoint. Refuses what cannot be emulated."""
     from ..checkpoint.dialects import dialect_of_config
 
     folder = Path(path)
@@ -97,12 +95,12 @@ def read_input_quant(path: str | Path, what: str | None = None) -> InputQuant | 
         return None
     for args in declared:
         if (args.get("type"), args.get("num_bits"), args.get("group_size")) != ("float", 4, 16):
-            raise MxptqError(f"{what}: it declares input activations {args}; mxptq "
+            raise MxptqError(f"{path}: it declares input activations {args}; mxptq "
                              "emulates NVFP4 activations (4-bit float, group 16) only")
     dialect = dialect_of_config(qc)
     specs = dialect.input_specs("M")
     if not specs:
-        raise MxptqError(f"{what}: it declares input activations, but its dialect "
+        raise MxptqError(f"{path}: it declares input activations, but its dialect "
                          f"{dialect.name} stores no activation scales")
     suffix = next(iter(specs))[len("M"):]
     scales = {}
@@ -113,11 +111,11 @@ def read_input_quant(path: str | Path, what: str | None = None) -> InputQuant | 
                     v = f.get_tensor(key).float().reshape(())
                     scales[key[: -len(suffix)]] = 1.0 / v if dialect.global_is_decode else v
     if not scales:
-        raise MxptqError(f"{what}: it declares input activations but stores no "
+        raise MxptqError(f"{path}: it declares input activations but stores no "
                          f"{suffix[1:]} tensor; it is incomplete")
     bad = [m for m, g in scales.items() if not (torch.isfinite(g) and g > 0)]
     if bad:
-        raise MxptqError(f"{what}: {bad[0]}{suffix} is {float(scales[bad[0]])}, not "
+        raise MxptqError(f"{path}: {bad[0]}{suffix} is {float(scales[bad[0]])}, not "
                          "a positive finite global scale")
     return InputQuant(scales, suffix[1:])
 

@@ -363,6 +363,7 @@ def load(
     if Path(path).is_dir():  # index, containment, headers, layers: before transformers reads
         refuse(folder_problems(Path(path)), path)
     config = packed_config(path)
+    checkpoint = config.quantization_config["checkpoint"]  # the dialect's own config
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     auto = AutoModelForCausalLM if set(config.architectures or ()) & causal else AutoModel
     want_info = kwargs.pop("output_loading_info", False)
@@ -373,9 +374,7 @@ def load(
     if missing:  # transformers would leave them randomly initialised
         raise MxptqError(f"{path}: {len(missing)} weights the model needs are missing from the "
                          f"checkpoint or do not fit it (e.g. {missing[0]}); it is incomplete")
-    qc = config.quantization_config  # our dict, or the PackedConfig transformers built from it
-    qc = qc["checkpoint"] if isinstance(qc, dict) else qc.checkpoint
-    _activations(model, path, qc, emulate_activations)
+    _activations(model, path, checkpoint, emulate_activations)
     return (model, info) if want_info else model
 
 
